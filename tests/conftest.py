@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny models built from configs and an offline character tokenizer. No network anywhere."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("FLTUNING_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
+
+
+def char_vocab() -> list[str]:
+    """Specials, [unused1..99], ASCII, full-width punctuation and every CJK unified ideograph (U+4E00..U+9FFF)."""
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"[unused{i}]" for i in range(1, 100)]
+    ascii_chars = [chr(c) for c in range(33, 127)]
+    fullwidth = list("，。！？；：、（）《》“”‘’【】…—～·")
+    cjk = [chr(c) for c in range(0x4E00, 0xA000)]
+    return specials + ascii_chars + fullwidth + cjk
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer(tmp_path_factory):
+    """A BERT-style fast tokenizer that splits Chinese into characters, built offline from ``char_vocab``."""
+    from transformers import BertTokenizerFast
+
+    path = tmp_path_factory.mktemp("tok") / "vocab.txt"
+    path.write_text("\n".join(char_vocab()) + "\n", encoding="utf-8")
+    return BertTokenizerFast(vocab_file=str(path), do_lower_case=True, tokenize_chinese_chars=True)
+
+
+def tiny_bert_config(vocab_size: int = 1000, **overrides):
+    from transformers import BertConfig
+
+    kw = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    kw.update(overrides)
+    return BertConfig(**kw)
+
+
+@pytest.fixture
+def tiny_bert():
+    from transformers import BertModel
+
+    torch.manual_seed(0)
+    return BertModel(tiny_bert_config()).eval()
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not DATA_DIR.is_dir():
+        pytest.skip(f"real data folder {DATA_DIR} not found (set FLTUNING_DATA_DIR)")
+    return DATA_DIR
