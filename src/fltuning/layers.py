@@ -1,0 +1,236 @@
+"""The FL units: k extra hidden units in one feed-forward network, their forward, merge and unmerge.
+
+    FFN'(x) = act(x W1 + b1) W2 + b2 + act(x U1 + c1) U2 + c2       # (B,T,d) -> (B,T,d_ff + k) -> (B,T,d)
+
+The units are implemented by *widening* the FFN's own projections rather than by a side branch that re-implements
+the FFN: the up (and, for gated FFNs, the gate) projection returns ``cat([x W1 + b1, x U1 + c1])`` and the down
+projection reads ``h[:, :d_ff] W2 + b2 + h[:, d_ff:] U2 + c2``. The model's own activation, gating
+(``act(gate) * up``) and dropout then apply to the new units unchanged, for every architecture, and merging is a
+literal concatenation: W1' = [W1; U1], b1' = [b1; c1], W2' = [W2, U2], b2' = b2 + c2 (exact; unmerge slices and
+restores the saved b2). A side branch of two small matmuls costs the same on this CPU
+(benchmarks/speed/ffn_designs.py) but must know each architecture's activation and gating.
+
+Base projections are ``nn.Linear`` (weight (out, in)) or transformers' GPT-2 ``Conv1D`` (weight (in, out)).
+Each adapter's tensors live in ``fl_weight[adapter]`` / ``fl_bias[adapter]``; U1 is stored (k, in) and U2 (out, k),
+both in ``nn.Linear`` orientation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+
+class MergeError(ValueError):
+    """An adapter cannot be merged (or unmerged) exactly; the message says why."""
+
+
+def weight_out_in(layer: nn.Module) -> torch.Tensor:
+    return layer.weight.t() if isinstance(layer, Conv1D) else layer.weight
+
+
+def _setweight_out_in(layer: nn.Module, weight: torch.Tensor) -> None:
+    if isinstance(layer, Conv1D):
+        layer.weight = nn.Parameter(weight.t().contiguous(), requires_grad=False)
+        layer.nf = weight.shape[0]
+    else:
+        layer.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+        layer.in_features, layer.out_features = weight.shape[1], weight.shape[0]
+
+
+def _set_bias(layer: nn.Module, bias: torch.Tensor) -> None:
+    layer.bias = nn.Parameter(bias.contiguous(), requires_grad=False)
+
+
+def truncated_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
+    """TruncatedNormal(0, std) cut at ±2 std, as Keras' TruncatedNormal used by the paper's code."""
+    return nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-2 * std, b=2 * std)
+
+
+class FLProjection(nn.Module):
+    """A frozen FFN projection plus the FL tensors of every adapter. Subclasses define the role."""
+
+    role: str
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        if not isinstance(base_layer, (nn.Linear, Conv1D)):
+            raise MergeError(f"FL-tuning wraps nn.Linear or Conv1D projections, not {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.fl_weight = nn.ParameterDict()
+        self.fl_bias = nn.ParameterDict()
+        self.active_adapters: list[str] = []
+        self.disabled = False
+        self.merged: list[tuple[str, torch.Tensor | None]] = []  # (adapter, the base bias before its merge)
+        out_in = weight_out_in(base_layer)
+        self.in_features, self.out_features = out_in.shape[1], out_in.shape[0]
+        self.original_width = self.ffn_width  # the FFN width this projection had before any merge
+
+    # shape of the base weight seen from the FFN: up/gate produce the hidden units, down consumes them
+    @property
+    def ffn_width(self) -> int:
+        out_in = weight_out_in(self.base_layer)
+        return out_in.shape[0] if self.role != "down" else out_in.shape[1]
+
+    @property
+    def weight(self) -> torch.Tensor:  # some models read ``proj.weight.dtype`` (T5)
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def base_has_bias(self) -> bool:
+        return self.base_layer.bias is not None
+
+    def _unmerged_active(self) -> list[str]:
+        merged = {name for name, _ in self.merged}
+        return [a for a in self.active_adapters if a in self.fl_weight and a not in merged]
+
+    def num_units(self, adapter: str) -> int:
+        w = self.fl_weight[adapter]
+        return w.shape[0] if self.role != "down" else w.shape[1]
+
+    def add_adapter(self, name: str, num_units: int, bias: bool, init: str, init_std: float) -> None:
+        """Create ``name``'s tensors in fp32 (whatever the base dtype), initialised as ``init`` says."""
+        device = self.base_layer.weight.device
+        shape = (num_units, self.in_features) if self.role != "down" else (self.out_features, num_units)
+        weight = torch.empty(shape, device=device, dtype=torch.float32)
+        if init == "zero" and self.role == "down":
+            nn.init.zeros_(weight)
+        else:
+            truncated_normal_(weight, init_std)
+        self.fl_weight[name] = nn.Parameter(weight)
+        if bias:
+            n_bias = num_units if self.role != "down" else self.out_features
+            self.fl_bias[name] = nn.Parameter(torch.zeros(n_bias, device=device, dtype=torch.float32))
+
+    def delete_adapter(self, name: str) -> None:
+        del self.fl_weight[name]
+        if name in self.fl_bias:
+            del self.fl_bias[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def check_mergeable(self, name: str) -> None:
+        if name in self.fl_bias and not self.base_has_bias():
+            raise MergeError(
+                f"adapter {name!r} has a bias on a projection without one ({type(self.base_layer).__name__}); "
+                "it cannot merge exactly. Train with bias='auto' to merge."
+            )
+
+    def extra_repr(self) -> str:
+        units = {a: self.num_units(a) for a in self.fl_weight}
+        return f"role={self.role}, units={units}, active={self.active_adapters}, merged={[m for m, _ in self.merged]}"
+
+
+class FLUp(FLProjection):
+    """Up (or gate) projection: returns ``cat([x W1 + b1, x U1 + c1 for each active adapter])``."""
+
+    def __init__(self, base_layer: nn.Module, role: str = "up"):
+        self.role = role
+        super().__init__(base_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        adapters = [] if self.disabled else self._unmerged_active()
+        if not adapters:
+            return out
+        parts = [out]
+        for a in adapters:
+            w = self.fl_weight[a]
+            b = self.fl_bias.get(a)
+            parts.append(F.linear(x.to(w.dtype), w, b).to(out.dtype))
+        return torch.cat(parts, dim=-1)
+
+    def merge(self, name: str) -> None:
+        self.check_mergeable(name)
+        layer = self.base_layer
+        w = self.fl_weight[name].detach().to(layer.weight.dtype)
+        _setweight_out_in(layer, torch.cat([weight_out_in(layer).detach(), w], dim=0))
+        if self.base_has_bias():
+            new_b = self.fl_bias[name].detach() if name in self.fl_bias else torch.zeros(w.shape[0])
+            _set_bias(layer, torch.cat([layer.bias.detach(), new_b.to(layer.bias)]))
+        self.merged.append((name, None))
+
+    def unmerge(self) -> str:
+        name, _ = self.merged.pop()
+        layer, k = self.base_layer, self.num_units(name)
+        width = self.ffn_width - k
+        _setweight_out_in(layer, weight_out_in(layer).detach()[:width])
+        if self.base_has_bias():
+            _set_bias(layer, layer.bias.detach()[:width])
+        return name
+
+
+class FLDown(FLProjection):
+    """Down projection: ``h[..., :d_ff] W2 + b2 + sum over active adapters of h[..., their units] U2 + c2``."""
+
+    role = "down"
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        adapters = [] if self.disabled else self._unmerged_active()
+        if not adapters:
+            return self.base_layer(h)
+        width = self.ffn_width
+        out = self.base_layer(h[..., :width])
+        for a in adapters:
+            w = self.fl_weight[a]
+            b = self.fl_bias.get(a)
+            k = w.shape[1]
+            out = out + F.linear(h[..., width : width + k].to(w.dtype), w, b).to(out.dtype)
+            width += k
+        return out
+
+    def merge(self, name: str) -> None:
+        self.check_mergeable(name)
+        layer = self.base_layer
+        w = self.fl_weight[name].detach().to(layer.weight.dtype)
+        _setweight_out_in(layer, torch.cat([weight_out_in(layer).detach(), w], dim=1))
+        saved = None
+        if self.base_has_bias():
+            saved = layer.bias.detach().clone()
+            if name in self.fl_bias:
+                _set_bias(layer, layer.bias.detach() + self.fl_bias[name].detach().to(layer.bias))
+        self.merged.append((name, saved))
+
+    def unmerge(self) -> str:
+        name, saved = self.merged.pop()
+        layer, k = self.base_layer, self.num_units(name)
+        _setweight_out_in(layer, weight_out_in(layer).detach()[:, : self.ffn_width - k])
+        if saved is not None:
+            _set_bias(layer, saved)  # restore the exact bits, not b2 + c2 - c2
+        return name
+
+
+def pad_units(layer: nn.Module, role: str, num_units: int) -> None:
+    """Widen a plain projection by ``num_units`` zero units: rows of the up/gate weight (and bias), columns of the
+    down weight. Zero down columns make the padded units contribute exactly nothing."""
+    out_in = weight_out_in(layer).detach()
+    if role == "down":
+        zeros = torch.zeros(out_in.shape[0], num_units, dtype=out_in.dtype, device=out_in.device)
+        _setweight_out_in(layer, torch.cat([out_in, zeros], dim=1))
+    else:
+        zeros = torch.zeros(num_units, out_in.shape[1], dtype=out_in.dtype, device=out_in.device)
+        _setweight_out_in(layer, torch.cat([out_in, zeros], dim=0))
+        if layer.bias is not None:
+            _set_bias(layer, torch.cat([layer.bias.detach(), layer.bias.new_zeros(num_units)]))
+
+
+def fl_num_params(d_in: int, d_out: int, k: int, gated: bool, bias_up: bool, bias_down: bool) -> int:
+    """Trainable FL count of one FFN: U1 (and the gate's U1), c1, U2, c2."""
+    n_up = 2 if gated else 1
+    return n_up * (k * d_in + (k if bias_up else 0)) + d_out * k + (d_out if bias_down else 0)
+
+
+__all__ = [
+    "FLDown",
+    "FLProjection",
+    "FLUp",
+    "MergeError",
+    "fl_num_params",
+    "pad_units",
+    "truncated_normal_",
+    "weight_out_in",
+]
