@@ -28,7 +28,7 @@ def char_tokenizer(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("tok") / "vocab.txt"
     path.write_text("\n".join(char_vocab()) + "\n", encoding="utf-8")
-    return BertTokenizerFast(vocab_file=str(path), do_lower_case=True, tokenize_chinese_chars=True)
+    return BertTokenizerFast(vocab=str(path), do_lower_case=True, tokenize_chinese_chars=True)
 
 
 def tiny_bert_config(vocab_size: int = 1000, **overrides):

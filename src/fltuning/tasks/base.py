@@ -12,7 +12,9 @@ with its options packed in one feature). Every feature carries ``example_index``
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -50,7 +52,48 @@ class Batch:
 
 
 class TaskHead(nn.Module):
-    """A head reads the backbone's hidden states and returns logits. Subclasses define ``forward(hidden, batch)``."""
+    """A head reads the backbone's hidden states and returns logits. Subclasses define ``forward(hidden, batch)``.
+
+    ``batch`` is the dict of model inputs (``Batch.inputs``: ``input_ids``, ``attention_mask`` and any extra input
+    the task's ``collate`` put there for its head). ``hidden`` is the backbone's ``last_hidden_state`` (B, T, H), or,
+    when the head sets ``pooled = True``, one vector per sequence (B, H) chosen by the task model's pooling ("cls",
+    "last" or "mean"; see ``fltuning.tasks.model``). Multiple-choice inputs (B, C, T) arrive flattened to (B*C, T).
+    """
+
+    pooled: ClassVar[bool] = False
+
+
+def head_linear(in_features: int, out_features: int, bias: bool = True) -> nn.Linear:
+    """A dense layer initialised as the paper's heads: TruncatedNormal(0.02) cut at 2 std, zero bias."""
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    nn.init.trunc_normal_(linear.weight, mean=0.0, std=0.02, a=-0.04, b=0.04)
+    if bias:
+        nn.init.zeros_(linear.bias)
+    return linear
+
+
+def iter_json_lines(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(line_number, object)`` for every non-blank line of a JSON Lines file (1-based line numbers).
+
+    Raises ``DataError`` naming the file and line for a line that is not valid JSON or not a JSON object, and for a
+    missing or non-UTF-8 file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, None, "file not found")
+    try:
+        with path.open(encoding="utf-8-sig") as handle:  # a leading BOM is not an error
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(path, number, f"not valid JSON ({err.msg} at column {err.colno})") from err
+                if not isinstance(record, dict):
+                    raise DataError(path, number, f"expected a JSON object, got {type(record).__name__}")
+                yield number, record
+    except UnicodeDecodeError as err:
+        raise DataError(path, None, f"not UTF-8 text ({err})") from err
 
 
 class Task(ABC):
