@@ -173,14 +173,13 @@ class FLDown(FLProjection):
         adapters = [] if self.disabled else self._unmerged_active()
         if not adapters:
             return self.base_layer(h)
-        width = self.ffn_width
-        out = self.base_layer(h[..., :width])
-        for a in adapters:
+        # one split (its backward is a single cat) rather than a slice per part (each slice's backward allocates
+        # a zero tensor of h's full size): ~8% of an FFN step on the e5-small shape
+        parts = h.split([self.ffn_width] + [self.fl_weight[a].shape[1] for a in adapters], dim=-1)
+        out = self.base_layer(parts[0])
+        for a, part in zip(adapters, parts[1:], strict=True):
             w = self.fl_weight[a]
-            b = self.fl_bias.get(a)
-            k = w.shape[1]
-            out = out + F.linear(h[..., width : width + k].to(w.dtype), w, b).to(out.dtype)
-            width += k
+            out = out + F.linear(part.to(w.dtype), w, self.fl_bias.get(a)).to(out.dtype)
         return out
 
     def merge(self, name: str) -> None:
