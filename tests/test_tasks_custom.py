@@ -16,16 +16,8 @@ from fltuning.tasks.registry import get_task
 
 
 @pytest.fixture(scope="module")
-def tok(char_tokenizer, tmp_path_factory):
-    """The conftest character tokenizer, or the same vocabulary loaded with transformers 5's ``vocab=`` argument
-    when the fixture's ``vocab_file=`` left it with the 5 special tokens only."""
-    if char_tokenizer.vocab_size == len(char_vocab()):
-        return char_tokenizer
-    from transformers import BertTokenizerFast
-
-    path = tmp_path_factory.mktemp("zh_tok") / "vocab.txt"
-    path.write_text("\n".join(char_vocab()) + "\n", encoding="utf-8")
-    return BertTokenizerFast(vocab=str(path), do_lower_case=True, tokenize_chinese_chars=True)
+def tok(char_tokenizer):
+    return char_tokenizer
 
 
 def jsonl(path: Path, records: list) -> Path:
