@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -134,3 +134,12 @@ class Task(ABC):
     @abstractmethod
     def submission(self, examples: list[Example], features: list[dict], predictions: list[Any]) -> list[dict]:
         """One record per example, in example order, in the task's CLUE submission format."""
+
+
+def pad(sequences: Sequence[Sequence[int]], value: int = 0, length: int | None = None) -> torch.Tensor:
+    """Right-pad integer sequences into a (N, length) long tensor (length: the longest, unless given)."""
+    length = max((len(s) for s in sequences), default=0) if length is None else length
+    out = torch.full((len(sequences), length), value, dtype=torch.long)
+    for i, sequence in enumerate(sequences):
+        out[i, : len(sequence)] = torch.as_tensor(sequence, dtype=torch.long)
+    return out

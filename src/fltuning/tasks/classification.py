@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from fltuning.tasks.base import Batch, DataError, Example, Task, TaskHead, head_linear, iter_json_lines
+from fltuning.tasks.base import Batch, DataError, Example, Task, TaskHead, head_linear, iter_json_lines, pad
 
 logger = logging.getLogger(__name__)
 
@@ -65,15 +65,6 @@ def truncate_longest(parts: list[list[int]], budget: int, bias: Sequence[int] | 
             raise ValueError(f"cannot fit {len(parts)} parts into {budget} tokens")
         parts[longest].pop()
     return parts
-
-
-def pad(sequences: Sequence[Sequence[int]], value: int = 0, length: int | None = None) -> torch.Tensor:
-    """Right-pad integer sequences into a (N, length) long tensor (length: the longest, unless given)."""
-    length = max((len(s) for s in sequences), default=0) if length is None else length
-    out = torch.full((len(sequences), length), value, dtype=torch.long)
-    for i, sequence in enumerate(sequences):
-        out[i, : len(sequence)] = torch.as_tensor(sequence, dtype=torch.long)
-    return out
 
 
 def require_text(record: dict[str, Any], key: str, path: str | Path, line: int | None) -> str:

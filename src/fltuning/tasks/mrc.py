@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from fltuning.tasks.base import Batch, DataError, Example, Task
+from fltuning.tasks.base import Batch, DataError, Example, Task, pad
 from fltuning.tasks.cmrc_metric import evaluate
 from fltuning.tasks.global_pointer import MASK_VALUE, GlobalPointer, token_char_spans
 
@@ -201,15 +201,9 @@ class MRCTask(Task):
 
     def collate(self, features: list[dict]) -> Batch:
         """Right-pad. Targets: ``span_mask`` (B, T) and ``labels`` (B, 2) when every feature is labelled."""
-        length = max(len(f["input_ids"]) for f in features)
-        input_ids = torch.full((len(features), length), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(features), length), dtype=torch.long)
-        span_mask = torch.zeros((len(features), length), dtype=torch.bool)
-        for b, feature in enumerate(features):
-            n = len(feature["input_ids"])
-            input_ids[b, :n] = torch.tensor(feature["input_ids"])
-            attention_mask[b, :n] = 1
-            span_mask[b, :n] = torch.tensor(feature["span_mask"], dtype=torch.bool)
+        ids = [f["input_ids"] for f in features]
+        input_ids, attention_mask = pad(ids, self.pad_token_id), pad([[1] * len(i) for i in ids])
+        span_mask = pad([f["span_mask"] for f in features]).bool()
         targets = {"span_mask": span_mask}
         if all(f["label"] is not None for f in features):
             targets["labels"] = torch.tensor([f["label"] for f in features], dtype=torch.long)

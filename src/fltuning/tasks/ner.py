@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-from fltuning.tasks.base import Batch, DataError, Example, Task, iter_json_lines
+from fltuning.tasks.base import Batch, DataError, Example, Task, iter_json_lines, pad
 from fltuning.tasks.global_pointer import GlobalPointer, global_pointer_loss, token_char_spans
 
 #: CLUENER2020's entity types, in the order of the paper's code (head index = position here).
@@ -152,15 +152,10 @@ class NERTask(Task):
     def collate(self, features: list[dict]) -> Batch:
         """Right-pad to the longest feature. Targets: ``span_mask`` (B, T) tokens that carry characters, and
         ``labels`` (B, types, T, T) 0/1 when every feature is labelled."""
-        length = max(len(f["input_ids"]) for f in features)
-        input_ids = torch.full((len(features), length), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(features), length), dtype=torch.long)
-        span_mask = torch.zeros((len(features), length), dtype=torch.bool)
-        for b, feature in enumerate(features):
-            n = len(feature["input_ids"])
-            input_ids[b, :n] = torch.tensor(feature["input_ids"])
-            attention_mask[b, :n] = 1
-            span_mask[b, :n] = torch.tensor([span is not None for span in feature["char_spans"]])
+        ids = [f["input_ids"] for f in features]
+        input_ids, attention_mask = pad(ids, self.pad_token_id), pad([[1] * len(i) for i in ids])
+        span_mask = pad([[span is not None for span in f["char_spans"]] for f in features]).bool()
+        length = input_ids.shape[1]
         targets = {"span_mask": span_mask}
         if all(f["labels"] is not None for f in features):
             labels = torch.zeros((len(features), len(self.entity_types), length, length))
