@@ -50,6 +50,22 @@ def _bert_like(cfg_cls, **kw):
     )
 
 
+def _t5_config(feed_forward_proj: str):
+    return T.T5Config(
+        vocab_size=V,
+        d_model=32,
+        d_ff=64,
+        d_kv=8,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        dropout_rate=0.0,
+        feed_forward_proj=feed_forward_proj,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    )
+
+
 ARCHS = [
     Arch("bert", _bert_like(T.BertConfig), T.BertForSequenceClassification, "intermediate.intermediate_act_fn"),
     Arch(
@@ -156,43 +172,8 @@ ARCHS = [
         "mlp.act_fn",
         gated=True,
     ),
-    Arch(
-        "t5",
-        T.T5Config(
-            vocab_size=V,
-            d_model=32,
-            d_ff=64,
-            d_kv=8,
-            num_layers=2,
-            num_decoder_layers=2,
-            num_heads=4,
-            dropout_rate=0.0,
-            feed_forward_proj="relu",
-            decoder_start_token_id=0,
-            pad_token_id=0,
-        ),
-        T.T5ForConditionalGeneration,
-        "act",
-    ),
-    Arch(
-        "t5-gated",
-        T.T5Config(
-            vocab_size=V,
-            d_model=32,
-            d_ff=64,
-            d_kv=8,
-            num_layers=2,
-            num_decoder_layers=2,
-            num_heads=4,
-            dropout_rate=0.0,
-            feed_forward_proj="gated-gelu",
-            decoder_start_token_id=0,
-            pad_token_id=0,
-        ),
-        T.T5ForConditionalGeneration,
-        "act",
-        gated=True,
-    ),
+    Arch("t5", _t5_config("relu"), T.T5ForConditionalGeneration, "act"),
+    Arch("t5-gated", _t5_config("gated-gelu"), T.T5ForConditionalGeneration, "act", gated=True),
 ]
 ARCH_IDS = [a.name for a in ARCHS]
 
@@ -209,3 +190,55 @@ def perturb_fl(fl_model, scale: float = 0.2, seed: int = 7):
         for name, p in fl_model.named_parameters():
             if ".fl_weight." in name or ".fl_bias." in name:
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+TINY_BERT_KW = dict(
+    vocab_size=V,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+    max_position_embeddings=64,
+)
+DECODER_KW = dict(
+    vocab_size=V,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    num_key_value_heads=2,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+# backbones (no head) for the method tests: P-tuning v2 and the other baselines
+BACKBONE_CONFIGS = {
+    "bert": lambda: T.BertConfig(**TINY_BERT_KW),
+    "roberta": lambda: T.RobertaConfig(**TINY_BERT_KW, pad_token_id=1),
+    "xlm-roberta": lambda: T.XLMRobertaConfig(**TINY_BERT_KW, pad_token_id=1),
+    "distilbert": lambda: T.DistilBertConfig(
+        vocab_size=V,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        hidden_dim=64,
+        dropout=0.0,
+        attention_dropout=0.0,
+        max_position_embeddings=64,
+    ),
+    "llama": lambda: T.LlamaConfig(**DECODER_KW),  # GQA: 4 query heads, 2 key/value heads
+    "qwen2": lambda: T.Qwen2Config(**DECODER_KW),
+    "gpt2": lambda: T.GPT2Config(
+        vocab_size=V,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    ),
+}

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers as T
+from arch_zoo import BACKBONE_CONFIGS, TINY_BERT_KW, V
 from safetensors.torch import load_file, save_file
 
 from fltuning.methods.base import METHOD_WEIGHTS_NAME, MethodError, build_method, load_method_config
@@ -21,42 +22,7 @@ from fltuning.methods.budget import (
 )
 from fltuning.methods.lora import block_linear_layers
 
-V = 101
-BERT_KW = dict(
-    vocab_size=V,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-    hidden_dropout_prob=0.0,
-    attention_probs_dropout_prob=0.0,
-    max_position_embeddings=64,
-)
-CONFIGS = {
-    "bert": lambda: T.BertConfig(**BERT_KW),
-    "llama": lambda: T.LlamaConfig(
-        vocab_size=V,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        bos_token_id=1,
-        eos_token_id=2,
-    ),
-    "gpt2": lambda: T.GPT2Config(
-        vocab_size=V,
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        n_positions=64,
-        bos_token_id=1,
-        eos_token_id=2,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    ),
-}
+CONFIGS = {kind: BACKBONE_CONFIGS[kind] for kind in ("bert", "llama", "gpt2")}
 METHODS = {
     "ptuning_v2": dict(num_prompts=4),
     "prompt_tuning": dict(num_virtual_tokens=4),
@@ -253,7 +219,7 @@ def test_loading_another_shape_names_the_tensor(name, tmp_path):
     small.save(small.apply(build("bert")), tmp_path)
     wider = {"ptuning_v2": dict(num_prompts=5), "prompt_tuning": dict(num_virtual_tokens=5), "lora": dict(r=5)}
     if name == "finetune":
-        other_model = build_method(name).apply(T.BertModel(T.BertConfig(**(BERT_KW | {"intermediate_size": 48}))))
+        other_model = build_method(name).apply(T.BertModel(T.BertConfig(**(TINY_BERT_KW | {"intermediate_size": 48}))))
         with pytest.raises(
             MethodError, match=r"encoder\.layer\.0\.intermediate\.dense\.weight.*\(64, 32\).*\(48, 32\)"
         ):

@@ -10,62 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers as T
+from arch_zoo import BACKBONE_CONFIGS, V
 
 from fltuning.methods.base import MethodError, build_method
 from fltuning.methods.ptuning_v2 import ATTENTION_NAME, PTuningV2, prompted_attention
 
-V = 101
-
-
-BERT_KW = dict(
-    vocab_size=V,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-    hidden_dropout_prob=0.0,
-    attention_probs_dropout_prob=0.0,
-    max_position_embeddings=64,
-)
-DECODER_KW = dict(
-    vocab_size=V,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-    num_key_value_heads=2,
-    bos_token_id=1,
-    eos_token_id=2,
-)
-CONFIGS = {
-    "bert": lambda: T.BertConfig(**BERT_KW),
-    "roberta": lambda: T.RobertaConfig(**BERT_KW, pad_token_id=1),
-    "xlm-roberta": lambda: T.XLMRobertaConfig(**BERT_KW, pad_token_id=1),
-    "distilbert": lambda: T.DistilBertConfig(
-        vocab_size=V,
-        dim=32,
-        n_layers=2,
-        n_heads=4,
-        hidden_dim=64,
-        dropout=0.0,
-        attention_dropout=0.0,
-        max_position_embeddings=64,
-    ),
-    "llama": lambda: T.LlamaConfig(**DECODER_KW),  # GQA: 4 query heads, 2 key/value heads
-    "qwen2": lambda: T.Qwen2Config(**DECODER_KW),
-    "gpt2": lambda: T.GPT2Config(
-        vocab_size=V,
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        n_positions=64,
-        bos_token_id=1,
-        eos_token_id=2,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    ),
-}
+CONFIGS = BACKBONE_CONFIGS
 
 
 def build(kind: str, seed: int = 0) -> T.PreTrainedModel:
