@@ -61,3 +61,34 @@ def data_dir() -> Path:
     if not DATA_DIR.is_dir():
         pytest.skip(f"real data folder {DATA_DIR} not found (set FLTUNING_DATA_DIR)")
     return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def zh_tokenizer(char_tokenizer):
+    return char_tokenizer
+
+
+@pytest.fixture(scope="session")
+def sp_tokenizer():
+    """An XLM-R-style tokenizer (Unigram + Metaspace "▁", ``<s> A </s> </s> B </s>``) with multi-character pieces."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<s>", "<pad>", "</s>", "<unk>", "▁", "北京", "欢迎", "你", "北", "京", "▁我", "爱", "在"]
+    backend = Tokenizer(models.Unigram([(p, -1.0 if len(p) > 1 else -3.0) for p in pieces], unk_id=3))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors gain nothing from threads, and spinning OpenMP threads stall when other jobs hold the cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -10,31 +10,13 @@ import math
 import pytest
 import torch
 from conftest import tiny_bert_config
-from test_tasks_ner import build_sp_tokenizer, build_zh_tokenizer
 
 from fltuning.tasks.base import DataError
 from fltuning.tasks.cmrc_metric import evaluate, exact_match, f1_score, mixed_segmentation
 from fltuning.tasks.model import TaskModel
 from fltuning.tasks.mrc import MRCTask
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and spinning OpenMP threads stall when other jobs hold the cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def zh_tokenizer(tmp_path_factory):
-    return build_zh_tokenizer(tmp_path_factory.mktemp("vocab"))
-
-
-@pytest.fixture(scope="module")
-def sp_tokenizer():
-    return build_sp_tokenizer()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------------- official scorer

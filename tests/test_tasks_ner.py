@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import char_vocab, tiny_bert_config
+from conftest import tiny_bert_config
 
 from fltuning.tasks.base import Batch, DataError
 from fltuning.tasks.global_pointer import (
@@ -21,49 +21,7 @@ from fltuning.tasks.global_pointer import (
 from fltuning.tasks.model import TaskModel
 from fltuning.tasks.ner import CLUENER_TYPES, NERTask
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and spinning OpenMP threads stall when other jobs hold the cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def build_zh_tokenizer(folder):
-    """The character tokenizer of conftest, loaded with ``vocab=`` (transformers 5 ignores ``vocab_file=``)."""
-    from transformers import BertTokenizerFast
-
-    path = folder / "vocab.txt"
-    path.write_text("\n".join(char_vocab()) + "\n", encoding="utf-8")
-    return BertTokenizerFast(vocab=str(path), do_lower_case=True, tokenize_chinese_chars=True)
-
-
-def build_sp_tokenizer():
-    """An XLM-R-style tokenizer (Unigram + Metaspace "▁", ``<s> A </s> </s> B </s>``) with multi-character pieces."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    pieces = ["<s>", "<pad>", "</s>", "<unk>", "▁", "北京", "欢迎", "你", "北", "京", "▁我", "爱", "在"]
-    backend = Tokenizer(models.Unigram([(p, -1.0 if len(p) > 1 else -3.0) for p in pieces], unk_id=3))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
-    backend.post_processor = processors.TemplateProcessing(
-        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-
-
-@pytest.fixture(scope="module")
-def zh_tokenizer(tmp_path_factory):
-    return build_zh_tokenizer(tmp_path_factory.mktemp("vocab"))
-
-
-@pytest.fixture(scope="module")
-def sp_tokenizer():
-    return build_sp_tokenizer()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_lines(path, records):
