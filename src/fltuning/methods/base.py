@@ -140,6 +140,26 @@ def load_method_config(directory: str | Path) -> TuningMethod:
         raise MethodError(f"{path} is not a valid method config ({err})") from err
 
 
+def copy_named_tensors(method: str, targets: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+    """Copy ``state[name]`` into ``targets[name]`` for every name. Raises ``MethodError`` naming missing, unexpected
+    and mis-shaped tensors (e.g. a file saved for another model shape); nothing is copied then."""
+    missing, unexpected = sorted(set(targets) - set(state)), sorted(set(state) - set(targets))
+    if missing or unexpected:
+        raise MethodError(
+            f"{method} state does not fit this model: missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+        )
+    for name, target in targets.items():
+        if state[name].shape != target.shape:
+            raise MethodError(
+                f"{method} tensor {name!r}: saved shape {tuple(state[name].shape)}, this model needs "
+                f"{tuple(target.shape)} (saved for another model shape or size?)"
+            )
+    with torch.no_grad():
+        for name, target in targets.items():
+            target.copy_(state[name])
+
+
 def freeze(module: nn.Module) -> None:
     for p in module.parameters():
         p.requires_grad_(False)

@@ -1,8 +1,6 @@
 """Full fine-tuning: every weight of the backbone trains. ``save`` writes a plain transformers checkpoint
 (``config.json`` + ``model.safetensors`` via ``save_pretrained``) next to ``method_config.json``, so the folder also
 reloads with ``AutoModel.from_pretrained``.
-
-``copy_named_tensors`` is the checked copy every method's ``load_trainable_state_dict`` uses.
 """
 
 from __future__ import annotations
@@ -16,30 +14,10 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
-from fltuning.methods.base import METHOD_CONFIG_NAME, MethodError, TuningMethod, register_method
+from fltuning.methods.base import METHOD_CONFIG_NAME, MethodError, TuningMethod, copy_named_tensors, register_method
 
 CHECKPOINT_NAME = "model.safetensors"  # what save_pretrained writes (or its index, when sharded)
 CHECKPOINT_INDEX_NAME = "model.safetensors.index.json"
-
-
-def copy_named_tensors(method: str, targets: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
-    """Copy ``state[name]`` into ``targets[name]`` for every name. Raises ``MethodError`` naming missing, unexpected
-    and mis-shaped tensors (e.g. a file saved for another model shape); nothing is copied then."""
-    missing, unexpected = sorted(set(targets) - set(state)), sorted(set(state) - set(targets))
-    if missing or unexpected:
-        raise MethodError(
-            f"{method} state does not fit this model: missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
-        )
-    for name, target in targets.items():
-        if state[name].shape != target.shape:
-            raise MethodError(
-                f"{method} tensor {name!r}: saved shape {tuple(state[name].shape)}, this model needs "
-                f"{tuple(target.shape)} (saved for another model shape or size?)"
-            )
-    with torch.no_grad():
-        for name, target in targets.items():
-            target.copy_(state[name])
 
 
 @register_method

@@ -10,8 +10,8 @@ from torch import nn
 from transformers import AutoModel, PretrainedConfig
 
 from fltuning.config import FLTuningConfig
-from fltuning.methods.base import MethodError, TuningMethod, register_method
-from fltuning.model import AdapterLoadError, FLModel
+from fltuning.methods.base import MethodError, TuningMethod, copy_named_tensors, register_method
+from fltuning.model import FLModel
 
 ADAPTER = "default"
 
@@ -40,16 +40,7 @@ class FLMethod(TuningMethod):
         return _as_fl_model(model).adapter_state_dict(ADAPTER)
 
     def load_trainable_state_dict(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        own = self.trainable_state_dict(model)
-        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise MethodError(f"FL state does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        for key, target in own.items():
-            if state[key].shape != target.shape:
-                raise MethodError(f"{key}: saved shape {tuple(state[key].shape)}, model needs {tuple(target.shape)}")
-        with torch.no_grad():
-            for key, target in own.items():
-                target.copy_(state[key])
+        copy_named_tensors(self.name, self.trainable_state_dict(model), state)
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -61,7 +52,7 @@ class FLMethod(TuningMethod):
     def merge_and_unload(self, model: nn.Module) -> nn.Module:
         try:
             return _as_fl_model(model).merge_and_unload(safe_merge=True)
-        except (ValueError, AdapterLoadError) as err:
+        except ValueError as err:  # MergeError, ConfigError
             raise MethodError(str(err)) from err
 
     @classmethod

@@ -21,9 +21,8 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
-from fltuning.methods.base import MethodError, TuningMethod, register_method
+from fltuning.methods.base import MethodError, TuningMethod, copy_named_tensors, register_method
 from fltuning.methods.budget import count_on_meta, size_for_budget
-from fltuning.methods.finetune import copy_named_tensors
 
 ADAPTER = "default"
 _IN_BLOCK = re.compile(r"(?:^|\.)\d+\.")  # a path through a numbered block: "encoder.layer.3.", "layers.0.", "h.11."

@@ -21,9 +21,8 @@ from peft import PromptEmbedding, PromptTuningConfig, PromptTuningInit
 from torch import nn
 from transformers import PretrainedConfig
 
-from fltuning.methods.base import MethodError, TuningMethod, freeze, register_method
+from fltuning.methods.base import MethodError, TuningMethod, copy_named_tensors, freeze, register_method
 from fltuning.methods.budget import count_on_meta, size_for_budget
-from fltuning.methods.finetune import copy_named_tensors
 
 INITS = {
     "random": PromptTuningInit.RANDOM,

@@ -39,9 +39,8 @@ from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from fltuning.methods.base import MethodError, TuningMethod, freeze, register_method
+from fltuning.methods.base import MethodError, TuningMethod, copy_named_tensors, freeze, register_method
 from fltuning.methods.budget import count_on_meta, size_for_budget
-from fltuning.methods.finetune import copy_named_tensors
 
 ATTENTION_NAME = "fltuning_ptuning_v2"
 PROMPTS_ATTR = "ptuning_v2"  # the child module name, so every prompt tensor's name contains ".ptuning_v2."
