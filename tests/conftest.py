@@ -92,3 +92,28 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def save_tiny_model(folder: Path, hidden_size: int = 32, dropout: float = 0.1) -> Path:
+    """A tiny random BERT (2 layers) with the character tokenizer, saved as a standard transformers folder: what a
+    run's ``--model.name`` can point at. Dropout is on, so that runs exercise the RNG state."""
+    from transformers import BertModel, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(char_vocab()) + "\n", encoding="utf-8")
+    tokenizer = BertTokenizerFast(vocab=str(folder / "vocab.txt"), do_lower_case=True, tokenize_chinese_chars=True)
+    torch.manual_seed(0)
+    config = tiny_bert_config(
+        vocab_size=len(char_vocab()),
+        hidden_size=hidden_size,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
+    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-bert"))

@@ -1,14 +1,22 @@
 """The FL units: k extra hidden units in one feed-forward network, their forward, merge and unmerge.
 
     FFN'(x) = act(x W1 + b1) W2 + b2 + act(x U1 + c1) U2 + c2       # (B,T,d) -> (B,T,d_ff + k) -> (B,T,d)
+    gated:    (act(x G1) * x W1) W2 + (act(x V1) * x U1) U2           # LLaMA: V1 is the units' gate
 
-The units are implemented by *widening* the FFN's own projections rather than by a side branch that re-implements
-the FFN: the up (and, for gated FFNs, the gate) projection returns ``cat([x W1 + b1, x U1 + c1])`` and the down
-projection reads ``h[:, :d_ff] W2 + b2 + h[:, d_ff:] U2 + c2``. The model's own activation, gating
-(``act(gate) * up``) and dropout then apply to the new units unchanged, for every architecture, and merging is a
-literal concatenation: W1' = [W1; U1], b1' = [b1; c1], W2' = [W2, U2], b2' = b2 + c2 (exact; unmerge slices and
-restores the saved b2). A side branch of two small matmuls costs the same on this CPU
-(benchmarks/speed/ffn_designs.py) but must know each architecture's activation and gating.
+Two ways to run the units, with the same tensors, the same merge and the same saved file:
+
+- side branch (the fast path, used where the architecture table names the FFN's activation): the up projection
+  returns x W1 + b1 as before and hands z = x U1 + c1 (B,T,k) to the down projection, which returns
+  h W2 + b2 + act(z) U2 + c2 using the FFN's own activation module. The frozen FFN runs untouched; the units cost
+  two small matmuls. On e5-small this is ~12% faster per training step than widening (benchmarks/speed/fl_paths.py):
+  widening copies the (B,T,d_ff + k) hidden tensor in ``cat`` forward and again in backward.
+- widened (the generic path, for FFNs with anything besides the activation between up and down, e.g. T5's dropout,
+  and user-named FFNs): the up (and gate) projection returns ``cat([x W1 + b1, x U1 + c1])`` and the down projection
+  reads ``h[:, :d_ff] W2 + b2 + h[:, d_ff:] U2 + c2``. The model's own activation, gating and dropout then apply to
+  the new units unchanged, whatever they are.
+
+Merging is a literal concatenation either way: W1' = [W1; U1], b1' = [b1; c1], W2' = [W2, U2], b2' = b2 + c2
+(exact; unmerge slices and restores the saved b2).
 
 Base projections are ``nn.Linear`` (weight (out, in)) or transformers' GPT-2 ``Conv1D`` (weight (in, out)).
 Each adapter's tensors live in ``fl_weight[adapter]`` / ``fl_bias[adapter]``; U1 is stored (k, in) and U2 (out, k),
@@ -16,6 +24,8 @@ both in ``nn.Linear`` orientation.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -126,23 +136,40 @@ class FLProjection(nn.Module):
 
 
 class FLUp(FLProjection):
-    """Up (or gate) projection: returns ``cat([x W1 + b1, x U1 + c1 for each active adapter])``."""
+    """Up (or gate) projection. Widened: returns ``cat([x W1 + b1, x U1 + c1 for each active adapter])``. Side
+    branch (after ``link_side_branch``): returns ``x W1 + b1`` and leaves ``{adapter: x U1 + c1}`` in ``pending``
+    for the down projection."""
 
     def __init__(self, base_layer: nn.Module, role: str = "up"):
         self.role = role
         super().__init__(base_layer)
+        self.side_branch = False
+        self.pending: dict[str, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         adapters = [] if self.disabled else self._unmerged_active()
         if not adapters:
             return out
-        parts = [out]
+        units = {}
         for a in adapters:
             w = self.fl_weight[a]
-            b = self.fl_bias.get(a)
-            parts.append(F.linear(x.to(w.dtype), w, b).to(out.dtype))
-        return torch.cat(parts, dim=-1)
+            units[a] = F.linear(x.to(w.dtype), w, self.fl_bias.get(a))  # (B,T,d) -> (B,T,k)
+        if self.side_branch:
+            self.pending = units
+            return out
+        return torch.cat([out, *(u.to(out.dtype) for u in units.values())], dim=-1)
+
+    def take_pending(self) -> dict[str, torch.Tensor]:
+        """The units this projection computed last, handed over once. Raises ``RuntimeError`` when the down
+        projection runs without its up projection having run first."""
+        units, self.pending = self.pending, None
+        if units is None:
+            raise RuntimeError(
+                "FL side branch: the down projection ran before its up projection; this FFN does not compute "
+                "down(act(up(x))), so remove 'act' from its layout to use the widened path"
+            )
+        return units
 
     def merge(self, name: str) -> None:
         self.check_mergeable(name)
@@ -165,14 +192,22 @@ class FLUp(FLProjection):
 
 
 class FLDown(FLProjection):
-    """Down projection: ``h[..., :d_ff] W2 + b2 + sum over active adapters of h[..., their units] U2 + c2``."""
+    """Down projection. Widened: ``h[..., :d_ff] W2 + b2 + sum over active adapters of h[..., their units] U2 + c2``.
+    Side branch: ``h W2 + b2 + sum over active adapters of act(z) U2 + c2`` (gated: ``act(z_gate) * z_up``)."""
 
     role = "down"
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__(base_layer)
+        # (act, up, gate or None) once linked; a tuple, so the modules are not registered as children twice
+        self.side_branch: tuple[Callable[[torch.Tensor], torch.Tensor], FLUp, FLUp | None] | None = None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         adapters = [] if self.disabled else self._unmerged_active()
         if not adapters:
             return self.base_layer(h)
+        if self.side_branch is not None:
+            return self._forward_side_branch(h, adapters)
         # one split (its backward is a single cat) rather than a slice per part (each slice's backward allocates
         # a zero tensor of h's full size): ~8% of an FFN step on the e5-small shape
         parts = h.split([self.ffn_width] + [self.fl_weight[a].shape[1] for a in adapters], dim=-1)
@@ -180,6 +215,17 @@ class FLDown(FLProjection):
         for a, part in zip(adapters, parts[1:], strict=True):
             w = self.fl_weight[a]
             out = out + F.linear(part.to(w.dtype), w, self.fl_bias.get(a)).to(out.dtype)
+        return out
+
+    def _forward_side_branch(self, h: torch.Tensor, adapters: list[str]) -> torch.Tensor:
+        act, up, gate = self.side_branch
+        ups = up.take_pending()
+        gates = gate.take_pending() if gate is not None else None
+        out = self.base_layer(h)  # h W2 + b2 over the frozen units, untouched
+        for a in adapters:
+            units = act(gates[a]) * ups[a] if gates is not None else act(ups[a])  # (B,T,k)
+            w = self.fl_weight[a]
+            out = out + F.linear(units.to(w.dtype), w, self.fl_bias.get(a)).to(out.dtype)
         return out
 
     def merge(self, name: str) -> None:
@@ -201,6 +247,18 @@ class FLDown(FLProjection):
         if saved is not None:
             _set_bias(layer, saved)  # restore the exact bits, not b2 + c2 - c2
         return name
+
+
+def link_side_branch(
+    act: Callable[[torch.Tensor], torch.Tensor], up: FLUp, down: FLDown, gate: FLUp | None = None
+) -> None:
+    """Run this FFN's units as a side branch: ``up`` (and ``gate``) hand x U1 + c1 to ``down``, which applies
+    ``act`` (the FFN's own activation, the only thing between up and down) and U2. Only for FFNs computing
+    ``down(act(up(x)))`` or ``down(act(gate(x)) * up(x))``."""
+    up.side_branch = True
+    if gate is not None:
+        gate.side_branch = True
+    down.side_branch = (act, up, gate)
 
 
 def pad_units(layer: nn.Module, role: str, num_units: int) -> None:
@@ -229,6 +287,7 @@ __all__ = [
     "FLUp",
     "MergeError",
     "fl_num_params",
+    "link_side_branch",
     "pad_units",
     "truncated_normal_",
     "weight_out_in",

@@ -27,7 +27,7 @@ from torch import nn
 
 from fltuning.architectures import FFNBlock, FFNLayout, find_ffn_blocks
 from fltuning.config import ConfigError, FLTuningConfig, read_config_json
-from fltuning.layers import FLDown, FLProjection, FLUp, MergeError, pad_units, weight_out_in
+from fltuning.layers import FLDown, FLProjection, FLUp, MergeError, link_side_branch, pad_units, weight_out_in
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
@@ -141,12 +141,16 @@ class FLModel(nn.Module):
         layout, blocks = self._plan(config)
         heads = self._find_heads(config.modules_to_save or [])
         for block in blocks:
+            wrapped = {}
             for role, (path, module) in block.projections.items():
                 if not isinstance(module, FLProjection):
                     module = FLUp(module, role) if role != "down" else FLDown(module)
                     self.base_model.set_submodule(path, module)
                 use_bias = {"all": True, "none": False, "auto": module.base_has_bias()}[config.bias]
                 module.add_adapter(adapter_name, config.num_units, use_bias, config.init, config.init_std)
+                wrapped[role] = module
+            if block.act is not None:  # the fast path: units beside the frozen FFN (fltuning.layers)
+                link_side_branch(block.act, wrapped["up"], wrapped["down"], wrapped.get("gate"))
         for paths in heads.values():
             for path in paths:
                 module = self.base_model.get_submodule(path)

@@ -43,21 +43,20 @@ def task_constructor_settings(task_name: str, task: Task, settings: dict[str, An
     return dict(settings)
 
 
-def part_files(data: DataArgs) -> dict[str, Any]:
+def part_files(data: DataArgs, required: tuple[str, ...] = ("train", "dev")) -> dict[str, Any]:
     """Where each part is read from: ``data.<part>_file`` when given, else the task's layout in the data folder."""
     given = {part: getattr(data, f"{part}_file") for part in PARTS if getattr(data, f"{part}_file")}
     spec = task_spec(data.task)
     if not spec.layout.parts:  # custom: files only
-        if "train" not in given or "dev" not in given:
-            raise RunConfigError(
-                f"task {spec.name!r} reads your own files: set --data.train_file and --data.dev_file "
-                "(and --data.test_file to predict)"
-            )
+        missing = [part for part in required if part not in given]
+        if missing:
+            flags = " and ".join(f"--data.{part}_file" for part in missing)
+            raise RunConfigError(f"task {spec.name!r} reads your own files: set {flags}")
         return given
     try:
         found = task_files(spec.name, data.data_dir, data.split)
     except ValueError as err:
-        if isinstance(err, DataError) and given.keys() >= {"train", "dev"}:
+        if isinstance(err, DataError) and given.keys() >= set(required):
             found = {}
         elif isinstance(err, DataError):
             raise

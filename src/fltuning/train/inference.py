@@ -49,7 +49,7 @@ def data_args(path: Path, overrides: dict[str, Any]) -> DataArgs:
 def _examples(task, data: DataArgs, part: str, input_file: str | None = None) -> list:
     if input_file is not None:
         return task.read(input_file)
-    files = part_files(data)
+    files = part_files(data, required=(part,))
     if part not in files:
         raise RunConfigError(f"no {part} file for task {data.task!r}; pass --data.{part}_file (or --input)")
     return subset(read_part(task, files[part]), getattr(data, f"max_{part}_examples"), data.sample_seed)
