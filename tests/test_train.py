@@ -339,3 +339,10 @@ def load_config_text(text: str) -> dict:
     import yaml
 
     return yaml.safe_load(text)
+
+
+def test_tensorboard_logging_when_asked(tiny_model_dir, sentiment, tmp_path, one_thread):
+    pytest.importorskip("tensorboard")
+    run = tmp_path / "run"
+    train(config_for(tiny_model_dir, sentiment, run, **{"train.epochs": 1, "output.tensorboard": True}))
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
