@@ -18,8 +18,13 @@ $(STAMP): pyproject.toml
 
 models: $(STAMP)
 
+# The main job: FL-tune the real e5-small encoder on FewCLUE EPRSTMT (split 0), print dev and test accuracy.
+# Re-running continues or reports the finished run (runs/demo); `rm -rf runs/demo` starts over.
+DATA_DIR ?= $(or $(FLTUNING_DATA_DIR),../shared/data)
 demo: $(STAMP)
-	$(BIN)/python examples/tiny_demo.py
+	$(BIN)/fltune models prepare e5-small
+	$(BIN)/fltune train --config configs/fewclue/eprstmt.yaml --data.data_dir $(DATA_DIR) \
+		--output.dir runs/demo --output.resume auto
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -94,8 +94,12 @@ def _train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # one summary from a multi-process run
         return 0
     summary = {k: results[k] for k in ("task", "method", "best_step", "dev", "test") if k in results}
-    print(json.dumps(summary, ensure_ascii=False))
+    for split in ("dev", "test"):
+        if split in results:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in results[split].items() if k not in ("total", "skip"))
+            print(f"{split}: {shown}", file=sys.stderr)
     print(f"run folder: {config.run_dir()}", file=sys.stderr)
+    print(json.dumps(summary, ensure_ascii=False))
     return 0
 
 

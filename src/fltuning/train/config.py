@@ -48,7 +48,7 @@ class MethodArgs:
 @dataclass
 class DataArgs:
     task: str = "fewclue/eprstmt"
-    """a task name (`fltune train --list-tasks`), or custom with data.train_file etc."""
+    """a task name (`fltune tasks`), or custom with data.train_file etc."""
     split: str | int | None = None
     """FewCLUE 0-4 or all; OCNLI 50k/30k/10k/3k; CMRC2018 train/trial (default: the task's own)"""
     data_dir: str | None = None
