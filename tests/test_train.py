@@ -346,3 +346,26 @@ def test_tensorboard_logging_when_asked(tiny_model_dir, sentiment, tmp_path, one
     run = tmp_path / "run"
     train(config_for(tiny_model_dir, sentiment, run, **{"train.epochs": 1, "output.tensorboard": True}))
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_sigterm_and_sigint_ask_training_to_save_and_stop():
+    import os
+    import signal
+
+    from fltuning.train.loop import _install_stop_handlers, _restore_handlers
+
+    asked = []
+    previous = _install_stop_handlers(lambda: asked.append(True))
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        _restore_handlers(previous)
+    assert asked == [True, True]
+    assert signal.getsignal(signal.SIGTERM) == previous[signal.SIGTERM]
+
+
+def test_cli_shortcuts_for_task_split_and_data_dir(capsys):
+    assert main(["train", "--task", "fewclue/tnews", "--split", "1", "--data-dir", "/data", "--print-config"]) == 0
+    data = load_config_text(capsys.readouterr().out)["data"]
+    assert (data["task"], data["split"], data["data_dir"]) == ("fewclue/tnews", 1, "/data")

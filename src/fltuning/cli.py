@@ -1,8 +1,9 @@
 """`fltune`: the command line.
 
     fltune train --config configs/fewclue/eprstmt.yaml [--section.key value ...]   # train, evaluate, predict
+    fltune train --task fewclue/tnews --split 0 --data-dir ../shared/data           # defaults + shortcuts
     fltune train --print-config --method.name lora                                 # the effective config, as YAML
-    fltune evaluate RUN_OR_ADAPTER [--split dev|test]                              # scores of the best model
+    fltune evaluate RUN_OR_ADAPTER [--part dev|test]                               # scores of the best model
     fltune predict RUN_OR_ADAPTER [--input FILE] [--output FILE]                   # CLUE submission file
     fltune export RUN_OR_ADAPTER --out DIR [--merged]                              # adapter, or merged checkpoint
     fltune models list | prepare NAME                                              # offline real weights
@@ -76,10 +77,25 @@ def method_settings_help() -> str:
     return "\n".join(lines)
 
 
-def _overrides(args: argparse.Namespace):
-    from fltuning.train.config import parse_overrides
+SHORTCUTS = {"data_dir": "data.data_dir", "task": "data.task", "split": "data.split"}
 
-    return parse_overrides(args.overrides)
+
+def _overrides(args: argparse.Namespace):
+    """The ``--section.key value`` flags, with the shortcuts --data-dir / --task / --split (CLUE users' habit)."""
+    from fltuning.train.config import parse_flag_value, parse_overrides
+
+    shortcuts = {
+        key: parse_flag_value(str(value))
+        for name, key in SHORTCUTS.items()
+        if (value := getattr(args, name, None)) is not None
+    }
+    return shortcuts | parse_overrides(args.overrides)
+
+
+def _add_shortcuts(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", help="the CLUE / FewCLUE data folder, same as --data.data_dir")
+    parser.add_argument("--task", help="same as --data.task (see `fltune tasks`)")
+    parser.add_argument("--split", help="same as --data.split (FewCLUE: 0-4 or all)")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -106,7 +122,7 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from fltuning.train.inference import evaluate
 
-    print(json.dumps({args.split: evaluate(args.path, args.split, _overrides(args))}))
+    print(json.dumps({args.part: evaluate(args.path, args.part, _overrides(args))}))
     return 0
 
 
@@ -142,11 +158,13 @@ def build_parser(full_help: bool = True) -> argparse.ArgumentParser:
     )
     train.add_argument("--config", help="a YAML file with sections model, method, data, train, output (default: none)")
     train.add_argument("--print-config", action="store_true", help="print the effective config and exit")
+    _add_shortcuts(train)
     train.set_defaults(run=_train, overrides=[])
 
     evaluate = commands.add_parser("evaluate", help="score a trained model (run or adapter folder)")
     evaluate.add_argument("path", help="a run folder or an adapter folder")
-    evaluate.add_argument("--split", choices=("dev", "test"), default="dev", help="(default: dev)")
+    evaluate.add_argument("--part", choices=("dev", "test"), default="dev", help="the set to score (default: dev)")
+    _add_shortcuts(evaluate)
     evaluate.set_defaults(run=_evaluate, overrides=[])
 
     predict = commands.add_parser("predict", help="write the CLUE submission file for a test set")
@@ -154,6 +172,7 @@ def build_parser(full_help: bool = True) -> argparse.ArgumentParser:
     predict.add_argument("--input", help="a test file in the task's format (default: the task's test file)")
     predict.add_argument("--output", help="where to write (default: <run>/predictions/<task>_predict.json)")
     predict.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    _add_shortcuts(predict)
     predict.set_defaults(run=_predict, overrides=[])
 
     export = commands.add_parser("export", help="write the adapter folder, or the merged plain checkpoint")
