@@ -25,6 +25,8 @@ both in ``nn.Linear`` orientation.
 
 from __future__ import annotations
 
+import itertools
+import threading
 from collections.abc import Callable
 
 import torch
@@ -135,16 +137,27 @@ class FLProjection(nn.Module):
         return f"role={self.role}, units={units}, active={self.active_adapters}, merged={[m for m, _ in self.merged]}"
 
 
+# Side-branch hand-over, per thread (nn.DataParallel runs its replicas in threads, and a replica's attributes still
+# point at the original modules): {(link id, role): {adapter: x U1 + c1}}, written by FLUp, taken by FLDown.
+_PENDING = threading.local()
+_LINK_IDS = itertools.count()
+
+
+def _handover() -> dict[tuple[int, str], dict[str, torch.Tensor]]:
+    if not hasattr(_PENDING, "units"):
+        _PENDING.units = {}
+    return _PENDING.units
+
+
 class FLUp(FLProjection):
     """Up (or gate) projection. Widened: returns ``cat([x W1 + b1, x U1 + c1 for each active adapter])``. Side
-    branch (after ``link_side_branch``): returns ``x W1 + b1`` and leaves ``{adapter: x U1 + c1}`` in ``pending``
-    for the down projection."""
+    branch (after ``link_side_branch``): returns ``x W1 + b1`` and hands ``{adapter: x U1 + c1}`` to the down
+    projection."""
 
     def __init__(self, base_layer: nn.Module, role: str = "up"):
         self.role = role
         super().__init__(base_layer)
-        self.side_branch = False
-        self.pending: dict[str, torch.Tensor] | None = None
+        self.side_branch: int | None = None  # the link id shared with the down projection
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
@@ -155,21 +168,10 @@ class FLUp(FLProjection):
         for a in adapters:
             w = self.fl_weight[a]
             units[a] = F.linear(x.to(w.dtype), w, self.fl_bias.get(a))  # (B,T,d) -> (B,T,k)
-        if self.side_branch:
-            self.pending = units
+        if self.side_branch is not None:
+            _handover()[(self.side_branch, self.role)] = units
             return out
         return torch.cat([out, *(u.to(out.dtype) for u in units.values())], dim=-1)
-
-    def take_pending(self) -> dict[str, torch.Tensor]:
-        """The units this projection computed last, handed over once. Raises ``RuntimeError`` when the down
-        projection runs without its up projection having run first."""
-        units, self.pending = self.pending, None
-        if units is None:
-            raise RuntimeError(
-                "FL side branch: the down projection ran before its up projection; this FFN does not compute "
-                "down(act(up(x))), so remove 'act' from its layout to use the widened path"
-            )
-        return units
 
     def merge(self, name: str) -> None:
         self.check_mergeable(name)
@@ -199,8 +201,8 @@ class FLDown(FLProjection):
 
     def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
-        # (act, up, gate or None) once linked; a tuple, so the modules are not registered as children twice
-        self.side_branch: tuple[Callable[[torch.Tensor], torch.Tensor], FLUp, FLUp | None] | None = None
+        # (act, link id, gated) once linked
+        self.side_branch: tuple[Callable[[torch.Tensor], torch.Tensor], int, bool] | None = None
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         adapters = [] if self.disabled else self._unmerged_active()
@@ -218,9 +220,8 @@ class FLDown(FLProjection):
         return out
 
     def _forward_side_branch(self, h: torch.Tensor, adapters: list[str]) -> torch.Tensor:
-        act, up, gate = self.side_branch
-        ups = up.take_pending()
-        gates = gate.take_pending() if gate is not None else None
+        act, link, gated = self.side_branch
+        ups, gates = _take(link, "up"), _take(link, "gate") if gated else None
         out = self.base_layer(h)  # h W2 + b2 over the frozen units, untouched
         for a in adapters:
             units = act(gates[a]) * ups[a] if gates is not None else act(ups[a])  # (B,T,k)
@@ -249,16 +250,27 @@ class FLDown(FLProjection):
         return name
 
 
+def _take(link: int, role: str) -> dict[str, torch.Tensor]:
+    units = _handover().pop((link, role), None)
+    if units is None:
+        raise RuntimeError(
+            f"FL side branch: the down projection ran without its {role} projection running first; this FFN does "
+            "not compute down(act(up(x))), so remove 'act' from its layout to use the widened path"
+        )
+    return units
+
+
 def link_side_branch(
     act: Callable[[torch.Tensor], torch.Tensor], up: FLUp, down: FLDown, gate: FLUp | None = None
 ) -> None:
     """Run this FFN's units as a side branch: ``up`` (and ``gate``) hand x U1 + c1 to ``down``, which applies
     ``act`` (the FFN's own activation, the only thing between up and down) and U2. Only for FFNs computing
-    ``down(act(up(x)))`` or ``down(act(gate(x)) * up(x))``."""
-    up.side_branch = True
-    if gate is not None:
-        gate.side_branch = True
-    down.side_branch = (act, up, gate)
+    ``down(act(up(x)))`` or ``down(act(gate(x)) * up(x))``. Linking an already linked FFN keeps its link."""
+    link = up.side_branch if up.side_branch is not None else next(_LINK_IDS)
+    for projection in (up, gate):
+        if projection is not None:
+            projection.side_branch = link
+    down.side_branch = (act, link, gate is not None)
 
 
 def pad_units(layer: nn.Module, role: str, num_units: int) -> None:

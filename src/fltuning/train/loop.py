@@ -237,15 +237,15 @@ class Trainer:
 
     # -- training -------------------------------------------------------------------------------------------------
 
-    def evaluate(self, split: str = "dev") -> dict[str, float]:
+    def evaluate_dev(self) -> dict[str, float]:
         batch_size = self.config.train.eval_batch_size or 2 * self.config.train.batch_size
         predictions = predict(
-            self.inner, self.task, self.features[split], batch_size, self.accelerator, self.config.output.progress
+            self.inner, self.task, self.features["dev"], batch_size, self.accelerator, self.config.output.progress
         )
-        return self.task.score(self.dev_examples, self.features[split], predictions)
+        return self.task.score(self.dev_examples, self.features["dev"], predictions)
 
     def _evaluate_and_save(self, started: float) -> None:
-        metrics = self.evaluate("dev")
+        metrics = self.evaluate_dev()
         if self.metric not in metrics:
             raise ValueError(f"--train.metric: task {self.task.kind} reports {sorted(metrics)}, not {self.metric!r}")
         p = self.position

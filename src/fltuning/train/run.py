@@ -189,7 +189,7 @@ def train(config: RunConfig, callback: Callable[[str, Trainer], None] | None = N
         "steps": position.step,
         "train_seconds": round(position.train_seconds, 3),
         "parameters": report.to_dict(),
-        "dev": trainer.evaluate("dev"),
+        "dev": trainer.evaluate_dev(),
     }
     test = examples.get("test")
     batch_size = config.train.eval_batch_size or 2 * config.train.batch_size
