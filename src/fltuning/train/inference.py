@@ -97,10 +97,11 @@ def export(path: str | Path, out: str | Path, merged: bool = False, model_name: 
     if out.exists() and any(out.iterdir()):
         raise RunConfigError(f"{out} exists and is not empty; export into a new folder")
     folder = adapter_folder(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
     if not merged:
         read_task_info(folder)
-        shutil.copytree(folder, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns(ckpt.MANIFEST))
-        return out
+        files = [p for p in folder.iterdir() if p.is_file() and p.name != ckpt.MANIFEST]
+        return ckpt.write_atomically(out, lambda tmp: [shutil.copy2(p, tmp / p.name) for p in files])
     model, method, task, tokenizer, info = load_adapter(folder, model_name)
     plain = method.merge_and_unload(model.backbone)
 
@@ -110,5 +111,4 @@ def export(path: str | Path, out: str | Path, merged: bool = False, model_name: 
         save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(tmp / HEAD_FILE))
         write_json(tmp / TASK_FILE, info | {"merged_from": method.settings() | {"method": method.name}})
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     return ckpt.write_atomically(out, write)
