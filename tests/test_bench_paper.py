@@ -1,0 +1,103 @@
+"""The paper-comparison harness (benchmarks/paper) end to end on a tiny model and a real slice of FewCLUE CLUEWSC:
+run JSONs with the numbers the report relies on, skip on restart, and the report with its plots."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+PAPER = Path(__file__).resolve().parents[1] / "benchmarks" / "paper"
+MODULES = ("grid", "splits", "measures", "plots", "tiny")
+
+
+@pytest.fixture
+def paper_path(monkeypatch):
+    """benchmarks/paper on sys.path, with its module names free of any other benchmark's same-named modules."""
+    monkeypatch.syspath_prepend(str(PAPER))
+    for name in MODULES:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+
+
+def run_script(monkeypatch, script: str, *args: str) -> int:
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(PAPER / script), run_name="__main__")
+    return done.value.code
+
+
+def test_harness_runs_skips_finished_cells_and_reports(paper_path, monkeypatch, tmp_path, data_dir, capsys):
+    runs, work = tmp_path / "runs", tmp_path / "work"
+    args = ["--tiny", "--tasks", "cluewsc", "--methods", "fl", "ptuning_v2", "--seeds", "0", "1"]
+    args += ["--runs-dir", str(runs), "--work-dir", str(work), "--data-dir", str(data_dir), "--threads", "1"]
+    args += ["--set", "data.max_train_examples=8"]  # one update per epoch: two epochs, two dev evaluations
+    assert run_script(monkeypatch, "run.py", *args) == 0
+
+    files = sorted(runs.glob("fewshot/cluewsc/*/seed*.json"))
+    assert [f.relative_to(runs).as_posix() for f in files] == [
+        f"fewshot/cluewsc/{m}/seed{s}.json" for m in ("fl", "ptuning_v2") for s in (0, 1)
+    ]
+    for path in files:
+        run = json.loads(path.read_text())
+        assert run["status"] == "finished" and run["metric"] == "accuracy" and run["device"] == "cpu"
+        assert run["config"]["data"]["split"] == run["seed"] == run["config"]["train"]["seed"]
+        assert [p["step"] for p in run["curve"]] == [1, 2]
+        assert all(p["seconds"] >= 0 for p in run["curve"])
+        # the best checkpoint is the first best dev evaluation, and re-scoring it gives the logged score
+        scores = [p["accuracy"] for p in run["curve"]]
+        assert run["best_step"] == run["curve"][scores.index(max(scores))]["step"]
+        assert run["dev"]["accuracy"] == pytest.approx(max(scores))
+        assert 0.0 <= run["test"]["accuracy"] <= 1.0 and 0.0 < run["majority"]["test"] < 1.0
+        assert run["versions"]["fltuning"] and run["wall_seconds"] > 0
+        folder = work / "tiny-runs" / "fewshot" / "cluewsc" / run["method"] / f"seed{run['seed']}"
+        assert (folder / "results.json").is_file() and not (folder / "checkpoints").exists()
+    fl = json.loads(files[0].read_text())["parameters"]["method_trainable"]
+    pt = json.loads(files[2].read_text())["parameters"]["method_trainable"]
+    assert fl == 2 * (32 * 160 + 160 + 160 * 32 + 32)  # 2 layers, hidden 32, k=160 units with both biases
+    assert abs(pt - fl) <= 0.05 * fl  # P-tuning v2 is budget-matched to FL-tuning
+
+    stamps = [f.stat().st_mtime_ns for f in files]
+    capsys.readouterr()
+    assert run_script(monkeypatch, "run.py", *args) == 0
+    assert "4 done, 0 to run" in capsys.readouterr().out
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+
+    out = tmp_path / "docs" / "results.md"
+    assert run_script(monkeypatch, "report.py", "--runs-dir", str(runs), "--out", str(out)) == 0
+    text = out.read_text()
+    assert "| CLUEWSC2020 (accuracy) |" in text and "(2/5)" in text and "not run" in text
+    for png in ("curves-fewshot-cluewsc.png", "spread-fewshot.png"):
+        assert (out.parent / "img" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"(img/{png})" in text
+
+
+def test_drawn_parts_are_disjoint_reproducible_and_in_file_order(paper_path):
+    from splits import draw
+
+    parts = draw(100, {"train": 10, "dev": 10, "test": None}, seed=3)
+    assert [len(p) for p in parts.values()] == [10, 10, 80]
+    assert set().union(*parts.values()) == set(range(100))
+    assert all(p == sorted(p) for p in parts.values())
+    assert parts == draw(100, {"train": 10, "dev": 10, "test": None}, seed=3)
+    assert parts["train"] != draw(100, {"train": 10, "dev": 10, "test": None}, seed=4)["train"]
+    with pytest.raises(ValueError, match="cannot draw 30 units from a file of 20"):
+        draw(20, {"train": 15, "dev": 15}, seed=0)
+
+
+def test_convergence_is_steps_to_95_percent_of_the_runs_own_best(paper_path):
+    from measures import convergence_ratio, time_to_converge
+
+    def run(seed, values, test=0.8):
+        curve = [{"step": 10 * (i + 1), "seconds": 2.0 * (i + 1), "accuracy": v} for i, v in enumerate(values)]
+        return {"seed": seed, "status": "finished", "metric": "accuracy", "percent": True, "curve": curve,
+                "test": {"accuracy": test}, "majority": {"dev": 0.5, "test": 0.5}, "device": "cpu"}  # fmt: skip
+
+    fl = run(0, [0.5, 0.78, 0.8, 0.7])  # best 80: 95% is 76, first reached at step 20
+    pt = run(0, [0.5, 0.6, 0.7, 0.8])  # best 80: reached at step 40
+    assert time_to_converge(fl) == (20, 4.0) and time_to_converge(pt) == (40, 8.0)
+    ratio = convergence_ratio([fl], [pt])
+    assert ratio["ratio"] == 2.0 and ratio["seconds"] == (4.0, 8.0, 2.0)
+    assert time_to_converge(run(0, [0.5, 0.8], test=0.505)) is None  # at chance on test: nothing converged
