@@ -94,7 +94,10 @@ class ParameterReport:
             "backbone_total": self.backbone_total,
             "backbone_layers": self.backbone_layers,
             "method_percent_of_model": 100.0 * self.method_trainable / self.backbone_total,
-            "method_percent_of_layers": 100.0 * self.method_trainable / max(1, self.backbone_layers),
+            # full fine-tuning also trains the embeddings: all of the layers, not more than all
+            "method_percent_of_layers": 100.0
+            if self.method == "finetune"
+            else 100.0 * self.method_trainable / max(1, self.backbone_layers),
         }
 
     def __str__(self) -> str:

@@ -116,12 +116,13 @@ def check_run_folder(config: RunConfig, run_dir: Path) -> bool:
             "or choose another --output.dir"
         )
     before, now = load_config(saved).to_dict(), config.to_dict()
+    movable = {("data", "data_dir")}  # the same data may live elsewhere now
     differs = [
         f"{section}.{key}: {before[section].get(key)!r} in the run, {now[section].get(key)!r} now"
         for section in now
         if section != "output"
         for key in sorted(set(now[section]) | set(before[section]))
-        if before[section].get(key) != now[section].get(key)
+        if before[section].get(key) != now[section].get(key) and (section, key) not in movable
     ]
     if differs:
         raise RunConfigError(f"cannot resume {run_dir} with other settings: " + "; ".join(differs))
