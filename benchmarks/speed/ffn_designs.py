@@ -3,8 +3,10 @@
 Times forward + backward (input gradients on, as inside a network whose earlier layers train) of one FFN:
 
 - ``frozen``: the plain frozen FFN, the floor.
-- ``side``: FFN(x) + act(x U1 + c1) U2 + c2, a separate branch that must re-implement the activation.
-- ``widened``: fltuning's FLUp / FLDown: cat([x W1 + b1, x U1 + c1]) -> act -> split into W2 and U2.
+- ``side``: FFN(x) + act(x U1 + c1) U2 + c2, a separate branch using the FFN's activation: what fltuning runs
+  where the architecture table names the activation (fltuning.layers, the fast path).
+- ``widened``: FLUp / FLDown unlinked (fltuning's generic path): cat([x W1 + b1, x U1 + c1]) -> act -> split into
+  W2 and U2.
 - ``widened_weight``: one matmul with cat([W1; U1]) built every step (autograd then computes the full weight
   gradient of the concatenated weight, frozen rows included).
 
