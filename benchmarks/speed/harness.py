@@ -6,15 +6,15 @@ pooled vector) forward in train mode (dropout on), cross-entropy, backward, ``Ad
 batch is random token ids of exactly ``seq`` tokens, all attended (no padding).
 
 Timing: every variant lives in one process and they run in rounds (a, b, c, a, b, c, ...), so the noise of a shared
-2-core machine hits them alike, and ratios are only taken within one run. Other jobs on the machine slow a 2-thread
-step far beyond their share (an OpenMP thread that loses its core stalls its partner at every barrier, so ops with
-many small kernels suffer most). So before each round the harness waits (up to ``max_wait_s``) until the other
-processes leave our torch threads their cores, and every call records its wall seconds, this process's CPU seconds,
-and ``background``: the CPU time other processes used while it ran, as a share of the cores (/proc/stat minus this
-process's CPU time). A call is clean when ``background`` stayed under the cores our threads do not need plus
-``CLEAN`` (with 2 threads on 2 cores: under 15%; with 1 thread: under 65%). A figure is the median over the clean
-calls (all calls when fewer than two are), after one warm-up call each; ``cpu_median_s`` is the same over CPU
-seconds, which the stalls inflate less.
+2-core machine hits them alike. Ratios are only taken within one run, as the median over rounds of the two variants'
+ratio in each round (``paired_ratio``). Other jobs on the machine slow a 2-thread step far beyond their share (an
+OpenMP thread that loses its core stalls its partner at every barrier, so ops with many small kernels suffer most).
+So before each round the harness waits (up to ``max_wait_s``) until the other processes leave our torch threads
+their cores, and every call records its wall seconds, this process's CPU seconds, and ``background``: the CPU time
+other processes used while it ran, as a share of the cores (/proc/stat minus this process's CPU time). A call is
+clean when ``background`` stayed under the cores our threads do not need plus ``CLEAN`` (with 2 threads on 2 cores:
+under 15%; with 1 thread: under 65%). A time is the median over the clean calls (all calls when fewer than two are),
+after one warm-up call each; ``cpu_median_s`` is the same over CPU seconds, which the stalls inflate less.
 
 Peak memory: the peak resident set size of a fresh subprocess per configuration (``python harness.py --peak-memory
 SPEC``), which loads the model, reads every weight once, runs a warm-up step on a 1 x 8 batch (AdamW's state then
@@ -234,6 +234,13 @@ def summary(samples: list[tuple[float, float, float]]) -> dict[str, Any]:
         "background": round(statistics.median(s[2] for s in samples), 3),
         "samples": [[round(wall, 4), round(cpu, 4), round(share, 3)] for wall, cpu, share in samples],
     }
+
+
+def paired_ratio(a: list, b: list, index: int = 0) -> float:
+    """Median over rounds of ``a``'s time over ``b``'s time in the same round (``index`` 0: wall, 1: CPU seconds).
+    Calls of one round ran seconds apart, so a slow drift of the machine (another job starting, the clock
+    changing) cancels in each pair instead of landing on one variant."""
+    return statistics.median(x[index] / y[index] for x, y in zip(a, b, strict=True))
 
 
 def resident_mb() -> dict[str, float]:

@@ -3,8 +3,8 @@
 Forward passes of the backbone in eval mode under ``torch.inference_mode``, at batch 1 and 32. Variants:
 ``base``; ``fl`` (k units, unmerged, side branch, what training uses); ``fl_widened`` (unmerged, the generic widened
 path); ``fl_merged`` (a plain transformers model whose FFN is k wider). Targets: merged / base <= 1 + the units'
-share of the forward FLOPs U / (L + A) (flops.py) + 0.02; unmerged / base <= 1.10. Interleaved timing as in
-harness.py; a sample is the mean of several forwards for batch 1.
+share of the forward FLOPs U / (L + A) (flops.py) + 0.02; unmerged / base <= 1.10. Interleaved timing and ratios
+paired by round as in harness.py, one forward per call; batch 1 gets 8 times the rounds.
 
     python benchmarks/speed/inference.py                 # e5-small, seq 128, batch 1 and 32 (~3 min)
     python benchmarks/speed/inference.py --tiny          # seconds; used by the tests
@@ -36,13 +36,12 @@ def build(backbone: torch.nn.Module, num_units: int) -> dict[str, torch.nn.Modul
     return {name: model.eval() for name, model in models.items()}
 
 
-def forward_timer(model: torch.nn.Module, batch: dict[str, torch.Tensor], repeat: int):
+def forward_timer(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
     def run() -> float:
         with torch.inference_mode():
             start = time.perf_counter()
-            for _ in range(repeat):
-                model(**batch)
-            return (time.perf_counter() - start) / repeat
+            model(**batch)
+            return time.perf_counter() - start
 
     return run
 
@@ -71,14 +70,13 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for batch in args.batches:
         inputs = {k: v for k, v in harness.make_batch(config, batch, args.seq).items() if k != "labels"}
-        repeat = max(1, 8 // batch)  # batch 1: the mean of 8 forwards per sample
-        timers = {name: forward_timer(model, inputs, repeat) for name, model in models.items()}
-        samples = harness.time_interleaved(timers, args.rounds, args.max_wait)
-        base = harness.summary(samples["base"])["median_s"]
+        timers = {name: forward_timer(model, inputs) for name, model in models.items()}
+        rounds = args.rounds * max(1, 8 // batch)  # short forwards: more rounds, one forward per call
+        samples = harness.time_interleaved(timers, rounds, args.max_wait)
         for name in VARIANTS:
             row = {"batch": batch, "seq": args.seq, "variant": name} | harness.summary(samples[name])
             row |= {"ms": round(1e3 * row["median_s"], 2), "sequences_per_s": round(batch / row["median_s"], 1)}
-            row["vs_base"] = round(row["median_s"] / base, 3)
+            row["vs_base"] = round(harness.paired_ratio(samples[name], samples["base"]), 3)
             if name == "fl_merged":
                 row["target"] = round(1 + share + 0.02, 3)
             elif name == "fl":

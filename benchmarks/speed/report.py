@@ -11,13 +11,36 @@ import argparse
 import json
 from pathlib import Path
 
+from harness import paired_ratio
+from train_step import ratios
+
 RESULTS = Path(__file__).parent / "results"
 TRAIN_VARIANTS = ("finetune", "fl", "ptuning_v2", "lora", "prompt_tuning", "fl_widened", "lora_nodrop")
 
 
 def load(results: Path, benchmark: str, tag: str) -> dict | None:
     path = results / f"{benchmark}_{tag}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    return refresh(json.loads(path.read_text())) if path.is_file() else None
+
+
+def refresh(result: dict) -> dict:
+    """Recompute every ratio from the raw samples with the current rules (harness.paired_ratio), so results saved by
+    an earlier version of a script are judged alike."""
+    kind = result.get("benchmark")
+    if kind == "train_step":
+        result["ratios"] = ratios(result["rows"])
+    elif kind == "inference":
+        for row in result["rows"]:
+            base = next(b for b in result["rows"] if b["batch"] == row["batch"] and b["variant"] == "base")
+            row["vs_base"] = paired_ratio(row["samples"], base["samples"])
+            row["cpu_vs_base"] = paired_ratio(row["samples"], base["samples"], 1)
+    elif kind == "scaling_k":
+        for row in result["rows"]:
+            floor = next((f for f in result["rows"] if f["seq"] == row["seq"] and f["k"] == 0), None)
+            if floor is not None:
+                row["growth"] = paired_ratio(row["samples"], floor["samples"]) - 1
+                row["within_share"] = row["growth"] <= row["flop_share"]
+    return result
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -49,7 +72,7 @@ def train_step_tables(result: dict) -> str:
         times.append(
             [f"{batch} x {seq}"]
             + [_cell(at.get(v), "median_s", "{:.3f}") for v in present]
-            + [_ratio(fl, at.get(v), "median_s") for v in ("finetune", "ptuning_v2", "lora")]
+            + [_paired(fl, at.get(v)) for v in ("finetune", "ptuning_v2", "lora")]
         )
         memory.append(
             [f"{batch} x {seq}"]
@@ -78,6 +101,14 @@ def _cell(row: dict | None, key: str, fmt: str) -> str:
         return fmt.format(row[key])
     error = row.get("error") or (row.get("memory_error") if key == "peak_mb" else None)
     return "OOM" if error and "out of memory" in error else "-"
+
+
+def _paired(fl: dict, other: dict | None) -> str:
+    return (
+        f"{paired_ratio(fl['samples'], other['samples']):.2f}"
+        if other and "samples" in fl and "samples" in other
+        else "-"
+    )
 
 
 def _ratio(fl: dict, other: dict | None, key: str) -> str:
@@ -164,8 +195,7 @@ def verdicts(results: Path, tag: str) -> str:
         for r in infer["rows"]:
             if "target" in r:
                 what = "merged" if r["variant"] == "fl_merged" else "unmerged"
-                base = next(b for b in infer["rows"] if b["batch"] == r["batch"] and b["variant"] == "base")
-                cpu = r["cpu_median_s"] / base["cpu_median_s"]
+                cpu = r["cpu_vs_base"]
                 label = f"FL {what} inference, batch {r['batch']} (x base)"
                 rows.append([label, f"{r['vs_base']:.3f}", f"{cpu:.3f}", f"<= {r['target']:.3f}", _verdict(r)])
     scaling = load(results, "scaling_k", tag)
@@ -192,7 +222,7 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     parts = [f"## Targets ({args.tag}, batch 16 x 128)\n", verdicts(args.results, args.tag)]
     for path in sorted(args.results.glob("*.json")):
-        result = json.loads(path.read_text())
+        result = refresh(json.loads(path.read_text()))
         render = {
             "train_step": train_step_tables,
             "scaling_k": scaling_table,

@@ -1,9 +1,10 @@
 """How FL-tuning's training step time and peak memory grow with the number of units k and with sequence length.
 
-k = 0 is the floor every FL run pays: the frozen backbone with gradients flowing through every layer down to the input
-embeddings (the units of layer 0 need them), and the trained head. For k > 0 the growth over that floor,
-``t(k) / t(0) - 1``, is compared with the extra matmul FLOP share of the units, ``3 U / (2 L + 3 A)`` (flops.py):
-the target is growth <= share. A step and the timing / memory method are described in harness.py.
+k = 0 is the floor every FL run pays: the frozen backbone with gradients flowing through every layer down to the first
+FFN's output (where the units of layer 0 need them), and the trained head. For k > 0 the growth over that floor,
+``t(k) / t(0) - 1`` (paired by round, harness.py), is compared with the extra matmul FLOP share of the units,
+``3 U / (2 L + 3 A)`` (flops.py): the target is growth <= share. A step and the timing / memory method are
+described in harness.py.
 
     python benchmarks/speed/scaling_k.py                 # e5-small, k 0..1024, seq 64..512, batch 16 (~10 min)
     python benchmarks/speed/scaling_k.py --tiny          # seconds; used by the tests
@@ -51,12 +52,12 @@ def main(argv: list[str] | None = None) -> dict:
         for step in steps.values():
             step.batch = harness.make_batch(config, args.batch, seq)
         samples = harness.time_interleaved({str(k): steps[k] for k in args.units}, args.rounds, args.max_wait)
-        floor = harness.summary(samples[str(args.units[0])])["median_s"] if args.units[0] == 0 else None
+        floor = samples.get("0")
         for k in args.units:
             row = {"seq": seq, "k": k, "batch": args.batch} | harness.summary(samples[str(k)])
             row["flop_share"] = round(layer_flops(config, seq, k).share_train, 4)
             if floor is not None:
-                row["growth"] = round(row["median_s"] / floor - 1, 4)
+                row["growth"] = round(harness.paired_ratio(samples[str(k)], floor) - 1, 4)
                 row["within_share"] = row["growth"] <= row["flop_share"]
             if args.memory:
                 spec = {"model": args.model, "variant": "frozen" if k == 0 else "fl", "batch": args.batch, "seq": seq}

@@ -136,7 +136,7 @@ def _line(row: dict) -> str:
 
 
 def ratios(rows: list[dict]) -> list[dict]:
-    """Per shape: FL's step time (wall and CPU seconds) and peak memory over each other variant's, from this run."""
+    """Per shape: FL's step time (wall and CPU seconds, paired by round) and peak memory over each other variant's."""
     out = []
     for batch, seq in dict.fromkeys((r["batch"], r["seq"]) for r in rows):
         at = {r["variant"]: r for r in rows if (r["batch"], r["seq"]) == (batch, seq) and "error" not in r}
@@ -147,8 +147,8 @@ def ratios(rows: list[dict]) -> list[dict]:
         for name, row in at.items():
             if name == "fl":
                 continue
-            entry[f"time_fl_over_{name}"] = round(fl["median_s"] / row["median_s"], 3)
-            entry[f"cputime_fl_over_{name}"] = round(fl["cpu_median_s"] / row["cpu_median_s"], 3)
+            entry[f"time_fl_over_{name}"] = round(harness.paired_ratio(fl["samples"], row["samples"]), 3)
+            entry[f"cputime_fl_over_{name}"] = round(harness.paired_ratio(fl["samples"], row["samples"], 1), 3)
             if "peak_mb" in fl and "peak_mb" in row:
                 entry[f"memory_fl_over_{name}"] = round(fl["peak_mb"] / row["peak_mb"], 3)
         out.append(entry)
