@@ -155,8 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
         row["gflops_per_s"] = round(work[name] / row["median_s"] / 1e9, 1)
         rows.append(row)
         print(f"{name:11s} {row['gflop']:9.2f} GFLOP  {row['median_s']:8.4f} s  {row['gflops_per_s']:7.1f} GFLOP/s")
-    by_name = {r["name"]: r for r in rows}
-    fraction = by_name["same_gemms"]["median_s"] / by_name["fl_step"]["median_s"]
+    fraction = harness.paired_ratio(samples["same_gemms"], samples["fl_step"])
     print(f"the step runs at {fraction:.1%} of the speed of its own matmuls alone")
     breakdown = profile_step(step)
     total = sum(breakdown.values())

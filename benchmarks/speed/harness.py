@@ -13,8 +13,8 @@ So before each round the harness waits (up to ``max_wait_s``) until the other pr
 their cores, and every call records its wall seconds, this process's CPU seconds, and ``background``: the CPU time
 other processes used while it ran, as a share of the cores (/proc/stat minus this process's CPU time). A call is
 clean when ``background`` stayed under the cores our threads do not need plus ``CLEAN`` (with 2 threads on 2 cores:
-under 15%; with 1 thread: under 65%). A time is the median over the clean calls (all calls when fewer than two are),
-after one warm-up call each; ``cpu_median_s`` is the same over CPU seconds, which the stalls inflate less.
+under 15%; with 1 thread: under 65%). A time is the median over the clean calls (all calls when none is), after
+one warm-up call each; ``cpu_median_s`` is the same over CPU seconds, which the stalls inflate less.
 
 Peak memory: the peak resident set size of a fresh subprocess per configuration (``python harness.py --peak-memory
 SPEC``), which loads the model, reads every weight once, runs a warm-up step on a 1 x 8 batch (AdamW's state then
@@ -190,10 +190,11 @@ def measured(fn: Callable[[], float]) -> tuple[float, float, float]:
     return seconds, cpu, max(0.0, others / (seconds * os.cpu_count()))
 
 
-def free_share() -> float:
-    """The share of the cores other processes may use without taking one from our torch threads."""
+def free_share(threads: int | None = None) -> float:
+    """The share of the cores other processes may use without taking one from our ``threads`` torch threads
+    (default: the current setting)."""
     cores = os.cpu_count() or 1
-    return max(0, cores - torch.get_num_threads()) / cores
+    return max(0, cores - (threads or torch.get_num_threads())) / cores
 
 
 def wait_for_quiet(max_wait_s: float) -> float:
@@ -221,11 +222,11 @@ def time_interleaved(
     return samples
 
 
-def summary(samples: list[tuple[float, float, float]]) -> dict[str, Any]:
-    """Median wall and CPU seconds over the clean calls (all calls if fewer than two are clean), the fastest call,
-    how many were clean, the median background share, and the raw samples."""
-    clean = [s for s in samples if s[2] < free_share() + CLEAN]
-    chosen = clean if len(clean) >= 2 else samples
+def summary(samples: list, threads: int | None = None) -> dict[str, Any]:
+    """Median wall and CPU seconds over the clean calls (all calls if none is clean), the fastest call, how many
+    were clean, the median background share, and the raw samples [wall, CPU, background] in round order."""
+    clean = [s for s in samples if s[2] < free_share(threads) + CLEAN]
+    chosen = clean or samples
     return {
         "median_s": statistics.median(s[0] for s in chosen),
         "cpu_median_s": statistics.median(s[1] for s in chosen),

@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from harness import paired_ratio
+from harness import paired_ratio, summary
 from train_step import ratios
 
 RESULTS = Path(__file__).parent / "results"
@@ -24,13 +24,22 @@ def load(results: Path, benchmark: str, tag: str) -> dict | None:
 
 
 def refresh(result: dict) -> dict:
-    """Recompute every ratio from the raw samples with the current rules (harness.paired_ratio), so results saved by
-    an earlier version of a script are judged alike."""
+    """Recompute every median and ratio from the raw samples with the current rules (harness.summary,
+    harness.paired_ratio), so results saved by an earlier version of a script are judged alike."""
     kind = result.get("benchmark")
+    for row in result.get("rows", []):
+        if "samples" in row:
+            row |= summary(row["samples"], result["machine"]["threads"])
     if kind == "train_step":
         result["ratios"] = ratios(result["rows"])
+    elif kind == "ceiling":
+        by_name = {row["name"]: row for row in result["rows"]}
+        for row in result["rows"]:
+            row["gflops_per_s"] = row["gflop"] / row["median_s"]
+        result["gemm_fraction_of_step"] = paired_ratio(by_name["same_gemms"]["samples"], by_name["fl_step"]["samples"])
     elif kind == "inference":
         for row in result["rows"]:
+            row["ms"], row["sequences_per_s"] = 1e3 * row["median_s"], row["batch"] / row["median_s"]
             base = next(b for b in result["rows"] if b["batch"] == row["batch"] and b["variant"] == "base")
             row["vs_base"] = paired_ratio(row["samples"], base["samples"])
             row["cpu_vs_base"] = paired_ratio(row["samples"], base["samples"], 1)
