@@ -8,8 +8,9 @@ Two ways to run the units, with the same tensors, the same merge and the same sa
 - side branch (the fast path, used where the architecture table names the FFN's activation): the up projection
   returns x W1 + b1 as before and hands z = x U1 + c1 (B,T,k) to the down projection, which returns
   h W2 + b2 + act(z) U2 + c2 using the FFN's own activation module. The frozen FFN runs untouched; the units cost
-  two small matmuls. On e5-small this is ~12% faster per training step than widening (benchmarks/speed/fl_paths.py):
-  widening copies the (B,T,d_ff + k) hidden tensor in ``cat`` forward and again in backward.
+  two small matmuls. Widening copies the (B,T,d_ff + k) hidden tensor in ``cat`` forward and again in backward: the
+  side branch makes a training step 1-4% faster and an unmerged forward ~10% faster at batch 32 on this project's
+  models (docs/performance.md, benchmarks/speed/train_step.py and inference.py: ``fl`` vs ``fl_widened``).
 - widened (the generic path, for FFNs with anything besides the activation between up and down, e.g. T5's dropout,
   and user-named FFNs): the up (and gate) projection returns ``cat([x W1 + b1, x U1 + c1])`` and the down projection
   reads ``h[:, :d_ff] W2 + b2 + h[:, d_ff:] U2 + c2``. The model's own activation, gating and dropout then apply to
