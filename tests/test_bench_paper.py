@@ -101,3 +101,17 @@ def test_convergence_is_steps_to_95_percent_of_the_runs_own_best(paper_path):
     ratio = convergence_ratio([fl], [pt])
     assert ratio["ratio"] == 2.0 and ratio["seconds"] == (4.0, 8.0, 2.0)
     assert time_to_converge(run(0, [0.5, 0.8], test=0.505)) is None  # at chance on test: nothing converged
+
+
+def test_cell_settings_layer_the_task_lr_floor_methods_and_per_task_method_changes(paper_path):
+    import grid
+
+    def settings(setting, task, method, seed=0):
+        return grid.cell_settings(grid.Cell(setting, grid.find_task(setting, task), grid.METHODS[method], seed))
+
+    fl, finetune = settings("full", "cluener2020", "fl"), settings("full", "cluener2020", "finetune")
+    assert fl["train.lr"] == grid.MIN_TASK_LR and "train.head_lr" not in fl  # the paper's 1e-4, floored
+    assert (finetune["train.lr"], finetune["train.head_lr"]) == (3e-5, grid.MIN_TASK_LR)  # the pointer head
+    assert "train.head_lr" not in settings("fewshot", "tnews", "finetune")
+    few = settings("fewshot", "tnews", "ptuning_v2_lr", seed=3)
+    assert (few["train.lr"], few["data.split"], few["train.seed"]) == (5e-3, 3, 3)

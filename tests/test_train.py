@@ -369,3 +369,32 @@ def test_cli_shortcuts_for_task_split_and_data_dir(capsys):
     assert main(["train", "--task", "fewclue/tnews", "--split", "1", "--data-dir", "/data", "--print-config"]) == 0
     data = load_config_text(capsys.readouterr().out)["data"]
     assert (data["task"], data["split"], data["data_dir"]) == ("fewclue/tnews", 1, "/data")
+
+
+def test_head_lr_gives_the_task_head_its_own_rate(tiny_model_dir, sentiment, tmp_path, one_thread):
+    from fltuning.train.config import RunConfigError
+    from fltuning.train.loop import build_optimizer
+
+    model = torch.nn.ModuleDict({"body": torch.nn.Linear(4, 4), "head": torch.nn.Linear(4, 2)})
+    plain = build_optimizer(model, 1e-3, 0.01, 1e-7)  # the two groups of every earlier checkpoint
+    shape = [(len(g["params"]), g["weight_decay"], g["lr"]) for g in plain.param_groups]
+    assert shape == [(2, 0.01, 1e-3), (2, 0.0, 1e-3)]
+    split = build_optimizer(model, 1e-3, 0.01, 1e-7, head_lr=0.1)
+    assert [(g["params"], g["weight_decay"], g["lr"]) for g in split.param_groups] == [
+        ([model["body"].weight], 0.01, 1e-3),
+        ([model["body"].bias], 0.0, 1e-3),
+        ([model["head"].weight], 0.01, 0.1),
+        ([model["head"].bias], 0.0, 0.1),
+    ]
+    # end to end: full fine-tuning whose backbone crawls while the head learns; the checkpoint keeps both rates
+    run = tmp_path / "run"
+    overrides = {"method.name": "finetune", "train.lr": 1e-6, "train.head_lr": 5e-2, "train.epochs": 1}
+    config = config_for(tiny_model_dir, sentiment, run, **overrides)
+    config.method.settings = {}
+    train(config)
+    step, folder = ckpt.list_checkpoints(run)[-1]
+    groups = json.loads((folder / "optimizer.json").read_text())["param_groups"]
+    assert sorted({g["initial_lr"] for g in groups}) == [1e-6, 5e-2]
+    for bad in ({"train.head_lr": 0}, {"train.lr": -1e-4}):
+        with pytest.raises(RunConfigError, match="above 0"):
+            load_config(None, bad)

@@ -41,7 +41,8 @@ def curves_png(runs: dict, setting: str, task: grid.Task, path: Path) -> bool:
         steps = sorted(by_step)
         mean = [sum(by_step[s]) / len(by_step[s]) for s in steps]
         color = COLORS.get(method.key)
-        ax.plot(steps, mean, color=color, label=f"{method.label} ({len(group)} seeds)", linewidth=1.6)
+        seeds = f"{len(group)} seed" + ("s" if len(group) > 1 else "")
+        ax.plot(steps, mean, color=color, label=f"{method.label} ({seeds})", linewidth=1.6)
         if len(group) > 1:
             low, high = [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps]
             ax.fill_between(steps, low, high, color=color, alpha=0.12, linewidth=0)

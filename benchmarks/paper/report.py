@@ -226,9 +226,11 @@ def build_report(runs_dir: Path, out: Path, img_dir: Path) -> str:
         "only k of the n seeds have run. The paper's tables are not available: the comparison is with the numbers "
         "in its abstract.",
         "",
-        "Runs on `cuda` were made on an NVIDIA H200 with a copy of e5-small whose unused vocabulary rows are zero "
-        "(the same outputs for every input these tasks contain); runs on `cpu` on 2 CPU cores. Each run file names "
-        "its device; convergence in seconds only compares runs on the same kind of device.",
+        "Runs on `cuda` were made on a lent NVIDIA H200 (torch 2.11 with CUDA 13, up to 14 runs at once): those "
+        "finished before 2026-11-26 03:00 UTC with a copy of e5-small whose unused vocabulary rows are zero (the "
+        "same outputs for every input these tasks contain), later ones with the complete model. Runs on `cpu` ran "
+        "one at a time on 2 CPU cores. Each run file names its device and finishing time; convergence in seconds "
+        "only compares runs on the same kind of device.",
         "",
         "## The paper's claims, side by side",
         "",

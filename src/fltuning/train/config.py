@@ -83,6 +83,9 @@ class TrainArgs:
     """micro-batches per optimizer step"""
     lr: float = 5e-4
     """peak learning rate (linear decay to 0 over the run)"""
+    head_lr: float | None = None
+    """peak learning rate of the task head (default: train.lr); e.g. full fine-tuning at 3e-5 with a new
+    GlobalPointer head that would learn too slowly at the backbone's rate"""
     warmup_ratio: float = 0.0
     """fraction of the steps with a linear warm-up (the paper: none)"""
     weight_decay: float = 0.01
@@ -144,6 +147,7 @@ POSITIVE = {("train", k) for k in ("epochs", "batch_size", "grad_accum", "log_ev
     ("data", "max_dev_examples"),
     ("data", "max_test_examples"),
 }
+RATES = {("train", "lr"), ("train", "head_lr")}
 
 
 @dataclass
@@ -265,6 +269,8 @@ def _set(config: RunConfig, section: str, key: str, value: Any, where: str) -> N
         raise RunConfigError(f"--{section}.{head}: {value!r} is not one of {shown}")
     if (section, head) in POSITIVE and value is not None and value < 1:
         raise RunConfigError(f"--{section}.{head}: must be at least 1, got {value!r}")
+    if (section, head) in RATES and value is not None and not value > 0:
+        raise RunConfigError(f"--{section}.{head}: a learning rate must be above 0, got {value!r}")
     setattr(args, head, value)
 
 

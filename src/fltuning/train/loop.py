@@ -68,11 +68,22 @@ def no_decay(name: str) -> bool:
     return "bias" in name or "norm" in name.lower()
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, eps: float) -> torch.optim.AdamW:
+def build_optimizer(
+    model: torch.nn.Module, lr: float, weight_decay: float, eps: float, head_lr: float | None = None
+) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, without weight decay on biases and norms (``no_decay``). With
+    ``head_lr``, the task head (``TaskModel.head``: parameters named ``head.*``) gets groups of its own at that LR;
+    without, the two groups are those of every earlier checkpoint (resuming needs the same groups)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    parts = [(named, lr)]
+    if head_lr is not None:
+        parts = [([(n, p) for n, p in named if not n.startswith("head.")], lr)]
+        parts.append(([(n, p) for n, p in named if n.startswith("head.")], head_lr))
     groups = [
-        {"params": [p for n, p in named if not no_decay(n)], "weight_decay": weight_decay},
-        {"params": [p for n, p in named if no_decay(n)], "weight_decay": 0.0},
+        {"params": [p for n, p in part if no_decay(n) == skip], "weight_decay": 0.0 if skip else weight_decay}
+        | ({} if head_lr is None else {"lr": part_lr})
+        for part, part_lr in parts
+        for skip in (False, True)
     ]
     return torch.optim.AdamW(groups, lr=lr, eps=eps)
 
@@ -156,7 +167,7 @@ class Trainer:
         self.batches_per_epoch = len(epoch_batches(len(features["train"]), train.batch_size, 0, 0, 0, self.world))
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / train.grad_accum)
         self.total_steps = self.steps_per_epoch * train.epochs
-        optimizer = build_optimizer(model, train.lr, train.weight_decay, train.adam_eps)
+        optimizer = build_optimizer(model, train.lr, train.weight_decay, train.adam_eps, train.head_lr)
         self.scheduler = get_linear_schedule_with_warmup(
             optimizer, round(train.warmup_ratio * self.total_steps), self.total_steps
         )
