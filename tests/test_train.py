@@ -142,6 +142,33 @@ def test_resume_after_a_stop_or_a_crash_equals_an_uninterrupted_run(tiny_model_d
         assert eval_lines(run) == eval_lines(full)  # the same losses, learning rates and dev scores, logged once
 
 
+def test_resumable_checkpoints_every_n_evaluations_and_best_only_ones_between(
+    tiny_model_dir, sentiment, tmp_path, one_thread
+):
+    full = tmp_path / "full"
+    train(config_for(tiny_model_dir, sentiment, full, **RESUME))
+    every = RESUME | {"output.checkpoint_every": 3}
+    run, seen = tmp_path / "every", []
+
+    def crash_at_20(event, trainer):
+        if event == "evaluate":
+            seen.append({step: ckpt.is_resumable(folder) for step, folder in ckpt.list_checkpoints(trainer.run_dir)})
+        if event == "step" and trainer.position.step == 20:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(config_for(tiny_model_dir, sentiment, run, **every), crash_at_20)
+    # evaluations at steps 3, 6, ..., 18: the 3rd and 6th (steps 9 and 18) are resumable, the first (always a new
+    # best) is best-only, and the resumable one before the newest is rotated away unless it is the best
+    assert seen[0] == {3: False}
+    assert all(resumable == (step in (9, 18)) for state in seen for step, resumable in state.items())
+    assert [step for step, _ in ckpt.list_checkpoints(run, resumable=True)] == [18]
+    train(config_for(tiny_model_dir, sentiment, run, **every, **{"output.resume": "auto"}))
+    expected, got = adapter_tensors(full), adapter_tensors(run)
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], v) for k, v in expected.items())
+    assert eval_lines(run) == eval_lines(full)
+
+
 def test_a_failed_save_keeps_the_previous_checkpoint(tiny_model_dir, sentiment, tmp_path, monkeypatch, one_thread):
     run = tmp_path / "run"
     real_save = ckpt.save_tensors

@@ -10,6 +10,10 @@ A checkpoint is a folder ``<run>/checkpoints/step-<N>/``::
     state.json             the training position (epoch, batch, step), scheduler state, best score so far
     COMPLETE.json          written last: every other file with its size
 
+A *best-only* checkpoint (``--output.checkpoint_every N`` above 1: a new best dev score between resumable
+checkpoints) holds model.safetensors, state.json and COMPLETE.json alone: the final model is loaded from it, but a
+run never resumes from it.
+
 It is written into ``<run>/checkpoints/.tmp-step-<N>/`` and renamed into place only when complete (same
 filesystem, so the rename is atomic); a folder without ``COMPLETE.json`` or whose sizes disagree is never resumed
 from, and stale ``.tmp-*`` folders are removed. Nothing is pickled: loading runs no code.
@@ -84,15 +88,20 @@ def is_complete(folder: Path) -> bool:
         return False
 
 
-def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run, oldest first."""
+def is_resumable(folder: Path) -> bool:
+    """Whether a complete checkpoint holds the optimizer state a run resumes from (not a best-only one)."""
+    return (folder / "optimizer.json").is_file()
+
+
+def list_checkpoints(run_dir: Path, resumable: bool = False) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run (only those a run can resume from, if ``resumable``), oldest first."""
     root = run_dir / CHECKPOINTS
     if not root.is_dir():
         return []
     found = []
     for folder in root.iterdir():
         match = _STEP_DIR.match(folder.name)
-        if match and folder.is_dir() and is_complete(folder):
+        if match and folder.is_dir() and is_complete(folder) and (not resumable or is_resumable(folder)):
             found.append((int(match.group(1)), folder))
     return sorted(found)
 
@@ -106,10 +115,12 @@ def remove_stale(run_dir: Path) -> None:
 
 
 def rotate(run_dir: Path, keep: int, protect: set[int]) -> None:
-    """Delete all but the ``keep`` newest complete checkpoints, never one whose step is in ``protect``."""
-    checkpoints = list_checkpoints(run_dir)
-    for step, folder in checkpoints[: max(0, len(checkpoints) - keep)]:
-        if step not in protect:
+    """Delete every complete checkpoint but the ``keep`` newest resumable ones and those whose step is in
+    ``protect`` (the best and the current one)."""
+    resumable = list_checkpoints(run_dir, resumable=True)
+    kept = {step for step, _ in resumable[len(resumable) - keep :]} if keep > 0 else set()
+    for step, folder in list_checkpoints(run_dir):
+        if step not in protect and step not in kept:
             shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -60,6 +60,7 @@ class Position:
     best_score: float | None = None
     best_step: int | None = None
     evals_since_best: int = 0
+    evals: int = 0  # evaluations done (older checkpoints lack it: 0)
     train_seconds: float = 0.0
 
 
@@ -195,21 +196,24 @@ class Trainer:
         self.method.load_trainable_state_dict(self.inner.backbone, method)
         self.inner.head.load_state_dict(head)
 
-    def save_checkpoint(self) -> Path:
-        """Write ``checkpoints/step-N`` atomically (every process writes its RNG state; the main one the rest)."""
+    def save_checkpoint(self, resumable: bool = True) -> Path:
+        """Write ``checkpoints/step-N`` atomically (every process writes its RNG state; the main one the rest).
+        Not ``resumable``: the trained tensors and position alone (a best-only checkpoint)."""
         final = self.run_dir / ckpt.CHECKPOINTS / ckpt.checkpoint_name(self.position.step)
         tmp = ckpt.temporary_folder(final)
         if self.accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
-        ckpt.rng_to_file(tmp, self.rank)
+        if resumable:
+            ckpt.rng_to_file(tmp, self.rank)
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
 
             def write(folder: Path) -> None:
                 ckpt.save_tensors(self.trained_tensors(), folder / "model.safetensors")
-                ckpt.optimizer_to_files(self.optimizer, folder)
+                if resumable:
+                    ckpt.optimizer_to_files(self.optimizer, folder)
                 state = {"position": asdict(self.position), "scheduler": self.scheduler.state_dict()}
                 (folder / "state.json").write_text(json.dumps(state, indent=1) + "\n")
 
@@ -261,14 +265,19 @@ class Trainer:
             raise ValueError(f"--train.metric: task {self.task.kind} reports {sorted(metrics)}, not {self.metric!r}")
         p = self.position
         score = metrics[self.metric]
-        if p.best_score is None or score > p.best_score:
+        improved = p.best_score is None or score > p.best_score
+        if improved:
             p.best_score, p.best_step, p.evals_since_best = score, p.step, 0
         else:
             p.evals_since_best += 1
+        p.evals += 1
         p.train_seconds += time.perf_counter() - started
         self.last_metrics = metrics
         self.log({"split": "dev", "step": p.step, "epoch": p.epoch, "seconds": round(p.train_seconds, 3)} | metrics)
-        self.save_checkpoint()
+        if p.evals % self.config.output.checkpoint_every == 0:
+            self.save_checkpoint()
+        elif improved:
+            self.save_checkpoint(resumable=False)
         if self.callback:
             self.callback("evaluate", self)
 
@@ -283,7 +292,7 @@ class Trainer:
             where = {"what": what, "step": p.step, "epoch": p.epoch, "batch": p.batch, "feature_indices": indices}
             where["lr"] = self.scheduler.get_last_lr()[0]
             (self.run_dir / "diverged.json").write_text(json.dumps(where, indent=1) + "\n")
-        last = ckpt.list_checkpoints(self.run_dir)
+        last = ckpt.list_checkpoints(self.run_dir, resumable=True)
         kept = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was saved yet"
         raise TrainingDiverged(
             f"{what} became non-finite at step {p.step + 1} (epoch {p.epoch + 1}); {kept}; details in "

@@ -148,7 +148,7 @@ def train(config: RunConfig, callback: Callable[[str, Trainer], None] | None = N
     features = {part: task.encode(items, tokenizer, max_length) for part, items in examples.items()}
     report = parameter_report(model, method)
 
-    found = ckpt.list_checkpoints(run_dir) if resume else []
+    found = ckpt.list_checkpoints(run_dir, resumable=True) if resume else []
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_stale(run_dir)
