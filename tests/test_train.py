@@ -360,6 +360,11 @@ def test_print_config_shows_the_effective_values(tmp_path, capsys):
     assert main(["train", "--config", str(path), "--train.epochs", "2", "--print-config"]) == 0
     printed = load_config_text(capsys.readouterr().out)
     assert printed["method"]["num_units"] == 64 and printed["train"]["lr"] == 3e-4 and printed["train"]["epochs"] == 2
+    # another method on the command line leaves the file's FL settings behind; the same method keeps them
+    assert main(["train", "--config", str(path), "--method.name", "lora", "--method.r", "4", "--print-config"]) == 0
+    assert load_config_text(capsys.readouterr().out)["method"] == {"name": "lora", "budget": None, "r": 4}
+    assert main(["train", "--config", str(path), "--method.name", "fl", "--print-config"]) == 0
+    assert load_config_text(capsys.readouterr().out)["method"]["num_units"] == 64
 
 
 def load_config_text(text: str) -> dict:

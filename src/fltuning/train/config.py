@@ -280,7 +280,8 @@ def _set(config: RunConfig, section: str, key: str, value: Any, where: str) -> N
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """The defaults, then the YAML file at ``path``, then ``overrides`` ({"train.lr": 3e-4, ...}).
+    """The defaults, then the YAML file at ``path``, then ``overrides`` ({"train.lr": 3e-4, ...}). An override of
+    ``method.name`` naming another method than the file's drops the file's ``method`` section.
 
     Raises ``RunConfigError`` for a missing or malformed file, an unknown key or a value of the wrong type."""
     config = RunConfig()
@@ -304,7 +305,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
                     getattr(config, section).settings.update(value)
                     continue
                 _set(config, section, str(key), value, str(path))
-    for dotted, value in (overrides or {}).items():
+    overrides = overrides or {}
+    if path is not None and overrides.get("method.name", config.method.name) != config.method.name:
+        config.method = MethodArgs()  # the file's method settings belong to the file's method
+    for dotted, value in overrides.items():
         section, _, key = dotted.partition(".")
         if not key:
             raise RunConfigError(f"--{dotted}: flags are --section.key (e.g. --train.lr 3e-4)")
