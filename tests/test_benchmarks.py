@@ -13,5 +13,5 @@ def test_ffn_designs_benchmark_runs_tiny(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["ffn_designs.py", "--tiny", "--out", str(out)])
     runpy.run_path(str(ROOT / "benchmarks/speed/ffn_designs.py"), run_name="__main__")
     rows = json.loads(out.read_text())["rows"]
-    assert {r["design"] for r in rows} == {"frozen", "side", "widened", "widened_weight"}
+    assert {r["design"] for r in rows} == {"frozen", "side", "widened", "widened_weight", "side_inplace"}
     assert all(r["ms"] > 0 for r in rows)

@@ -9,8 +9,12 @@ Times forward + backward (input gradients on, as inside a network whose earlier 
   W2 and U2.
 - ``widened_weight``: one matmul with cat([W1; U1]) built every step (autograd then computes the full weight
   gradient of the concatenated weight, frozen rows included).
+- ``side_inplace``: the side branch accumulated into the frozen down projection's output by one in-place
+  ``addmm_`` (with c2 folded into its bias), which saves the branch's separate bias and add passes over the
+  (tokens x d) output.
 
     python benchmarks/speed/ffn_designs.py            # e5-small and BERT-base FFN shapes, 16 x 128 tokens
+    python benchmarks/speed/ffn_designs.py --units 32 --repeats 30 --out benchmarks/speed/results/ffn_designs_k32.json
     python benchmarks/speed/ffn_designs.py --tiny     # seconds; used by the tests
 """
 
@@ -55,7 +59,17 @@ def build(d: int, d_ff: int, k: int):
         h = act(F.linear(x, torch.cat([up.weight, u1]), torch.cat([up.bias, c1])))
         return down(h[..., :d_ff]) + F.linear(h[..., d_ff:], u2, c2)
 
-    return {"frozen": frozen, "side": side, "widened": widened, "widened_weight": widened_weight}
+    def side_inplace(x):
+        out = F.linear(act(up(x)), down.weight, down.bias + c2)
+        return out.addmm_(act(F.linear(x, u1, c1)), u2.t())
+
+    return {
+        "frozen": frozen,
+        "side": side,
+        "widened": widened,
+        "widened_weight": widened_weight,
+        "side_inplace": side_inplace,
+    }
 
 
 def time_step(fn, tokens: int, d: int, repeats: int) -> float:
@@ -74,13 +88,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes, a few repeats (for tests)")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--units", type=int, default=160, help="k, the FL units per layer")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "ffn_designs.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     shapes = (
         [("tiny", 32, 64, 8, 64)]
         if args.tiny
-        else [("e5-small", 384, 1536, 160, 2048), ("bert-base", 768, 3072, 160, 2048)]
+        else [("e5-small", 384, 1536, args.units, 2048), ("bert-base", 768, 3072, args.units, 2048)]
     )
     repeats = 2 if args.tiny else args.repeats
     rows = []
