@@ -14,6 +14,7 @@ A YAML file holds the sections ``model``, ``method``, ``data``, ``train`` and ``
 from __future__ import annotations
 
 import dataclasses
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -196,7 +197,7 @@ def field_docs(section: type) -> dict[str, str]:
             and isinstance(following, ast.Expr)
             and isinstance(following.value, ast.Constant)
         ):
-            docs[node.target.id] = str(following.value.value)
+            docs[node.target.id] = " ".join(str(following.value.value).split())  # one line, however wrapped
     return docs
 
 
@@ -351,5 +352,5 @@ def describe() -> str:
             default = getattr(getattr(defaults, section), name)
             lines.append(f"  --{section}.{name} ({type_name(hint)}, default: {default!r})")
             if name in docs:
-                lines.append(f"      {docs[name]}")
+                lines.append(textwrap.fill(docs[name], 116, initial_indent=" " * 6, subsequent_indent=" " * 6))
     return "\n".join(lines)
