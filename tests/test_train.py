@@ -205,6 +205,23 @@ def test_a_folder_without_its_manifest_is_never_resumed_from(tmp_path):
     assert ckpt.list_checkpoints(tmp_path) == [(2, good)]
 
 
+def test_rotation_keeps_the_newest_resumable_checkpoints_and_the_protected_ones(tmp_path):
+    def checkpoint(step: int, resumable: bool) -> None:
+        names = ["model.safetensors", "state.json"] + (["optimizer.json"] if resumable else [])
+        ckpt.write_atomically(
+            tmp_path / ckpt.CHECKPOINTS / ckpt.checkpoint_name(step),
+            lambda folder: [(folder / name).write_text("{}") for name in names],
+        )
+
+    for step, resumable in ((1, True), (2, False), (3, True), (4, False), (5, True), (6, False)):
+        checkpoint(step, resumable)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path, resumable=True)] == [1, 3, 5]
+    ckpt.rotate(tmp_path, keep=2, protect={2, 6})  # best-only 4 goes; so does resumable 1, beyond the 2 newest
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [2, 3, 5, 6]
+    ckpt.rotate(tmp_path, keep=0, protect={6})
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [6]
+
+
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(
     tiny_model_dir, sentiment, tmp_path, monkeypatch, one_thread
 ):
