@@ -42,6 +42,13 @@ def gap_text(diff: Diff) -> str:
     return "–" if diff is None else f"{diff[0]:+.1f} ± {diff[1]:.1f}"
 
 
+def fl_failures(runs: dict, setting: str, task: str) -> str:
+    """ "; k of n FL-tuning runs here do not beat the majority class", or "" when none fails."""
+    group = runs.get((setting, task, "fl"), [])
+    failed = sum(m.fails(r) for r in group)
+    return f"; {failed} of {len(group)} FL-tuning runs here do not beat the majority class" if failed else ""
+
+
 def per_baseline(measure: Callable[[str], str]) -> str:
     return "; ".join(f"{label}: {measure(key)}" for key, label in BASELINES.items())
 
@@ -145,7 +152,7 @@ def claim_rows(runs: dict, bert_base_share: str) -> list[tuple[str, str, str, st
                 paper,
                 per_baseline(lambda k, s=setting, t=task: gap_text(compare(runs, s, t, "fl", k))),
                 per_baseline(lambda k, s=setting, t=task: gap_verdict(compare(runs, s, t, "fl", k))),
-                why,
+                why + fl_failures(runs, setting, task),
             )
         )
 
