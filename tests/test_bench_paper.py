@@ -65,10 +65,21 @@ def test_harness_runs_skips_finished_cells_and_reports(paper_path, monkeypatch, 
     assert "4 done, 0 to run" in capsys.readouterr().out
     assert [f.stat().st_mtime_ns for f in files] == stamps
 
+    # a diagnostic run: the grid's cell made with another setting, reported beside the grid's own run
+    diagnostics = tmp_path / "diagnostics" / "fewshot" / "cluewsc" / "fl"
+    diagnostics.mkdir(parents=True)
+    changed = json.loads(files[0].read_text())
+    changed["config"]["train"]["head_lr"] = 0.003
+    (diagnostics / "seed0.json").write_text(json.dumps(changed))
+
     out = tmp_path / "docs" / "results.md"
-    assert run_script(monkeypatch, "report.py", "--runs-dir", str(runs), "--out", str(out)) == 0
+    report = ["--runs-dir", str(runs), "--out", str(out), "--diagnostics-dir", str(tmp_path / "diagnostics")]
+    assert run_script(monkeypatch, "report.py", *report) == 0
     text = out.read_text()
     assert "| CLUEWSC2020 (accuracy) |" in text and "(2/5)" in text and "not run" in text
+    row = next(line for line in text.splitlines() if "train.head_lr=0.003" in line)
+    score = f"{100 * changed['test']['accuracy']:.1f}"
+    assert row.startswith("| Few-shot | CLUEWSC2020 | FL-tuning") and row.endswith(f"| {score} | {score} |")
     for png in ("curves-fewshot-cluewsc.png", "spread-fewshot.png"):
         assert (out.parent / "img" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"(img/{png})" in text

@@ -19,6 +19,7 @@ from claims import BASELINES, SPEEDUP, claim_rows
 from plots import curves_png, spread_png
 
 RUNS_DIR = Path(__file__).resolve().parent / "runs"
+DIAGNOSTICS_DIR = RUNS_DIR.parent / "diagnostics"
 RUN = "python benchmarks/paper/run.py"
 REPORT = "python benchmarks/paper/report.py"
 
@@ -206,7 +207,52 @@ def observations(runs: dict) -> list[str]:
     return lines or ["- Every task with two or more methods run has a method clear of the majority class."]
 
 
-def build_report(runs_dir: Path, out: Path, img_dir: Path) -> str:
+def changed_settings(run: dict) -> list[str]:
+    """The train and data settings of ``run`` that differ from what the grid gives its cell (paths, split and
+    seed aside): what a diagnostic run was made with, e.g. ``train.head_lr=0.003``."""
+    from fltuning.train.config import RunConfig
+
+    cell = grid.Cell(run["setting"], grid.find_task(run["setting"], run["task"]), grid.METHODS[run["method"]], 0)
+    expected, defaults = grid.cell_settings(cell), RunConfig().to_dict()
+    changed = []
+    for section in ("train", "data"):
+        for key, value in run["config"][section].items():
+            if key in ("seed", "split", "data_dir") or key.endswith("_file"):
+                continue
+            if value != expected.get(f"{section}.{key}", defaults[section].get(key)):
+                changed.append(f"{section}.{key}={value}")
+    return changed
+
+
+def diagnostic_lines(diagnostics: dict, runs: dict) -> list[str]:
+    """One row per run outside the grid, beside the grid's own run of the same cell."""
+    if not diagnostics:
+        return []
+    lines = [
+        "## Diagnostics",
+        "",
+        "Runs outside the grid, each made to explain a result: the cell's command with the changed settings, "
+        f"`{RUN} --setting S --tasks T --methods M --seeds K --set KEY=VALUE --runs-dir benchmarks/paper/diagnostics`"
+        f"; files in `benchmarks/paper/diagnostics/`.",
+        "",
+        "| setting | task | method | seed | changed settings | test | the grid's run: test |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (setting, task_key, method_key), group in sorted(diagnostics.items()):
+        task = grid.find_task(setting, task_key)
+        for run in group:
+            same = [r for r in runs.get((setting, task_key, method_key), []) if r["seed"] == run["seed"]]
+            ours = m.score(run)
+            theirs = m.score(same[0]) if same else None
+            lines.append(
+                f"| {grid.SETTING_LABELS[setting]} | {task.label} | {grid.METHODS[method_key].label} | {run['seed']} "
+                f"| {', '.join(changed_settings(run)) or '-'} | {'–' if ours is None else f'{ours:.1f}'} "
+                f"| {'not run' if not same else '–' if theirs is None else f'{theirs:.1f}'} |"
+            )
+    return [*lines, ""]
+
+
+def build_report(runs_dir: Path, out: Path, img_dir: Path, diagnostics_dir: Path | None = None) -> str:
     runs = m.load_runs(runs_dir)
     rel = Path(os.path.relpath(img_dir, out.parent))
     n_runs = sum(len(g) for g in runs.values())
@@ -296,6 +342,8 @@ def build_report(runs_dir: Path, out: Path, img_dir: Path) -> str:
             png = img_dir / f"curves-{setting}-{task.key}.png"
             if curves_png(runs, setting, task, png):
                 page += [f"![{task.label} {setting}]({rel / png.name})", ""]
+    if diagnostics_dir is not None and diagnostics_dir.is_dir():
+        page += diagnostic_lines(m.load_runs(diagnostics_dir), runs)
     page += ["## Setup", "", f"From `benchmarks/paper/grid.py` (`{REPORT}`).", "", *setup_lines(), ""]
     text = "\n".join(page)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -308,8 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs-dir", type=Path, default=RUNS_DIR)
     parser.add_argument("--out", type=Path, default=grid.ROOT / "docs" / "results.md")
     parser.add_argument("--img-dir", type=Path, help="default: img/ next to --out")
+    parser.add_argument("--diagnostics-dir", type=Path, default=DIAGNOSTICS_DIR, help="runs outside the grid")
     args = parser.parse_args(argv)
-    build_report(args.runs_dir, args.out, args.img_dir or args.out.parent / "img")
+    build_report(args.runs_dir, args.out, args.img_dir or args.out.parent / "img", args.diagnostics_dir)
     print(f"wrote {args.out}")
     return 0
 
