@@ -37,7 +37,8 @@ BUDGET = f"fl:{FL_UNITS}"
 # pointer head scored no span above 0 within 1,008 updates of full CLUENER (F1 0.0 at every evaluation, training
 # loss flat at ~0.75 from update 370), where FL-tuning at 3e-4 reached 0.67. Those runs: benchmarks/paper/superseded/.
 # The other methods keep one LR for head and method, as the paper's code does; that rate decides few-shot CLUENER:
-# FL-tuning at 3e-4 scores F1 0 on every split, with its head at 3e-3 it scores 53.7 on split 0 (diagnostics/).
+# FL-tuning at 3e-4 scores F1 0 on every split; with its head at 3e-3 it scores 53.7 / 56.9 on splits 0 / 1, and
+# P-tuning v2 with the same head LR 40.8 / 41.7 (diagnostics/).
 POINTER_HEAD = {"finetune": {"train.head_lr": MIN_TASK_LR}}
 POINTER_WHY = (
     " Full fine-tuning's head trains at 3e-4, its backbone at 3e-5 (see POINTER_HEAD in grid.py: at 3e-5 the new "
