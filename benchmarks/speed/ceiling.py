@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import harness
 import torch
@@ -129,16 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-units", type=int, default=160)
     parser.add_argument("--square", type=int, default=2048)
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--max-wait", type=float, default=20.0, help="seconds to wait for a quiet machine per round")
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args(argv)
-    if args.tiny:
-        args.max_wait = 0.0
-        args.model, args.batch, args.seq, args.num_units, args.square, args.rounds = harness.TINY, 2, 16, 8, 256, 1
-        args.threads = 1
-    harness.set_threads(args.threads)
-    out = args.out or harness.result_path("ceiling", args.model, args.threads)
+    tiny = {"batch": 2, "seq": 16, "num_units": 8, "square": 256, "rounds": 1}
+    args, out = harness.parse_args(parser, argv, "ceiling", tiny)
 
     model, _ = harness.build_variant("fl", harness.load_backbone(args.model), args.num_units)
     config = model.config

@@ -78,6 +78,23 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+def parse_args(
+    parser: argparse.ArgumentParser, argv: list[str] | None, benchmark: str, tiny: dict[str, Any]
+) -> tuple[argparse.Namespace, Path]:
+    """Add the options every speed benchmark shares (``--threads``, ``--max-wait``, ``--out``), parse ``argv`` and
+    apply ``--tiny`` (the tiny model, one thread, no waiting for a quiet machine, and the script's own ``tiny``
+    sizes); sets torch's threads. Returns the arguments and the result file."""
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-wait", type=float, default=20.0, help="seconds to wait for a quiet machine per round")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    if args.tiny:
+        for key, value in {"model": TINY, "threads": 1, "max_wait": 0.0, **tiny}.items():
+            setattr(args, key, value)
+    set_threads(args.threads)
+    return args, args.out or result_path(benchmark, args.model, args.threads)
+
+
 def set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
     transformers.logging.set_verbosity_error()

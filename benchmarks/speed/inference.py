@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from pathlib import Path
 
 import harness
 import torch
@@ -54,15 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--num-units", type=int, default=160)
     parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--max-wait", type=float, default=20.0, help="seconds to wait for a quiet machine per round")
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args(argv)
-    if args.tiny:
-        args.max_wait = 0.0
-        args.model, args.seq, args.num_units, args.rounds, args.threads = harness.TINY, 16, 8, 1, 1
-    harness.set_threads(args.threads)
-    out = args.out or harness.result_path("inference", args.model, args.threads)
+    args, out = harness.parse_args(parser, argv, "inference", {"seq": 16, "num_units": 8, "rounds": 1})
 
     models = build(harness.load_backbone(args.model), args.num_units)
     config = models["base"].config

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-from pathlib import Path
 
 import harness
 from flops import layer_flops
@@ -29,16 +28,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--max-wait", type=float, default=20.0, help="seconds to wait for a quiet machine per round")
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args(argv)
-    if args.tiny:
-        args.max_wait = 0.0
-        args.model, args.units, args.seqs, args.batch, args.rounds, args.threads = harness.TINY, [0, 8], [16], 2, 1, 1
-        args.memory = False
-    harness.set_threads(args.threads)
-    out = args.out or harness.result_path("scaling_k", args.model, args.threads)
+    tiny = {"units": [0, 8], "seqs": [16], "batch": 2, "rounds": 1, "memory": False}
+    args, out = harness.parse_args(parser, argv, "scaling_k", tiny)
 
     backbone = harness.load_backbone(args.model)
     config = backbone.config

@@ -17,7 +17,6 @@ import argparse
 import copy
 import json
 import sys
-from pathlib import Path
 
 import harness
 
@@ -51,23 +50,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--memory-variants", nargs="*", help="variants whose peak memory is measured (default: all)")
     parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=True, help="a process per shape")
     parser.add_argument("--time-shape", type=int, nargs=2, metavar=("BATCH", "SEQ"), help=argparse.SUPPRESS)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--max-wait", type=float, default=20.0, help="seconds to wait for a quiet machine per round")
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args(argv)
+    tiny = {"seqs": [16], "batches": [2], "rounds": 1, "rounds_large": 1}
+    tiny |= {"extra_configs": [(2, 16)], "num_units": 8, "isolate": False}
+    args, out = harness.parse_args(parser, argv, "train_step", tiny)
     if args.tiny:
-        args.max_wait = 0.0
-        args.model, args.seqs, args.batches, args.rounds, args.rounds_large = harness.TINY, [16], [2], 1, 1
-        args.threads = 1
-        args.extra_configs, args.num_units, args.isolate = [(2, 16)], 8, False
         args.memory_variants = args.memory_variants or ["fl"]  # a subprocess each (~5 s of imports): keep it short
-    harness.set_threads(args.threads)
     args.prompt_tokens = 100  # PromptTuning's budget cap
     if args.time_shape:  # the child of an isolated run: time one shape, print the rows as JSON
         harness.first_to_go_when_out_of_memory()
         print(json.dumps(time_shape(args, args.variants, *args.time_shape)))
         return {}
-    out = args.out or harness.result_path("train_step", args.model, args.threads)
 
     config = harness.load_config(args.model)
     rows = []
