@@ -71,15 +71,24 @@ def test_harness_runs_skips_finished_cells_and_reports(paper_path, monkeypatch, 
     changed = json.loads(files[0].read_text())
     changed["config"]["train"]["head_lr"] = 0.003
     (diagnostics / "seed0.json").write_text(json.dumps(changed))
+    # a superseded run: made before the grid set a setting it now sets (the run's config lacks it)
+    old = json.loads(files[0].read_text())
+    del old["config"]["train"]["epochs"]
+    superseded = tmp_path / "superseded" / "fewshot" / "cluewsc" / "fl"
+    superseded.mkdir(parents=True)
+    (superseded / "seed0.json").write_text(json.dumps(old))
 
     out = tmp_path / "docs" / "results.md"
-    report = ["--runs-dir", str(runs), "--out", str(out), "--diagnostics-dir", str(tmp_path / "diagnostics")]
+    report = ["--runs-dir", str(runs), "--out", str(out), "--outside-dir", str(tmp_path)]
     assert run_script(monkeypatch, "report.py", *report) == 0
     text = out.read_text()
     assert "| CLUEWSC2020 (accuracy) |" in text and "(2/5)" in text and "not run" in text
     row = next(line for line in text.splitlines() if "train.head_lr=0.003" in line)
     score = f"{100 * changed['test']['accuracy']:.1f}"
-    assert row.startswith("| Few-shot | CLUEWSC2020 | FL-tuning") and row.endswith(f"| {score} | {score} |")
+    assert row.startswith("| diagnostic | Few-shot | CLUEWSC2020 | FL-tuning")
+    assert row.endswith(f"| 0 | {score} | {score} |")
+    row = next(line for line in text.splitlines() if line.startswith("| superseded |"))
+    assert "| train.epochs=unset, " in row and row.endswith(f"| 0 | {score} | {score} |")
     for png in ("curves-fewshot-cluewsc.png", "spread-fewshot.png"):
         assert (out.parent / "img" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"(img/{png})" in text

@@ -19,13 +19,18 @@ from claims import BASELINES, SPEEDUP, claim_rows
 from plots import curves_png, spread_png
 
 RUNS_DIR = Path(__file__).resolve().parent / "runs"
-DIAGNOSTICS_DIR = RUNS_DIR.parent / "diagnostics"
+OUTSIDE_DIR = RUNS_DIR.parent  # holds diagnostics/ and superseded/
 RUN = "python benchmarks/paper/run.py"
 REPORT = "python benchmarks/paper/report.py"
 
 
 def fmt(value: float | None, digits: int = 1) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
+
+
+def mean_score(group: list[dict]) -> float | None:
+    stats = m.mean_std(m.scores(group))
+    return stats[0] if stats else None
 
 
 def cell_text(group: list[dict], expected: int) -> str:
@@ -208,51 +213,72 @@ def observations(runs: dict) -> list[str]:
 
 
 def changed_settings(run: dict) -> list[str]:
-    """The train and data settings of ``run`` that differ from what the grid gives its cell (paths, split and
-    seed aside): what a diagnostic run was made with, e.g. ``train.head_lr=0.003``."""
+    """The train and data settings of ``run`` that differ from what the grid now gives its cell (paths, split and
+    seed aside), e.g. ``train.head_lr=0.003``; a setting the run does not have reads ``unset``."""
     from fltuning.train.config import RunConfig
 
     cell = grid.Cell(run["setting"], grid.find_task(run["setting"], run["task"]), grid.METHODS[run["method"]], 0)
     expected, defaults = grid.cell_settings(cell), RunConfig().to_dict()
     changed = []
     for section in ("train", "data"):
-        for key, value in run["config"][section].items():
+        recorded = run["config"][section]
+        for key in sorted(set(recorded) | {k.partition(".")[2] for k in expected if k.startswith(f"{section}.")}):
             if key in ("seed", "split", "data_dir") or key.endswith("_file"):
                 continue
+            value = recorded.get(key)
             if value != expected.get(f"{section}.{key}", defaults[section].get(key)):
-                changed.append(f"{section}.{key}={value}")
+                changed.append(f"{section}.{key}={'unset' if value is None else value}")
     return changed
 
 
-def diagnostic_lines(diagnostics: dict, runs: dict) -> list[str]:
-    """One row per run outside the grid, beside the grid's own run of the same cell."""
-    if not diagnostics:
+# Folders of runs outside the grid: what each holds, and the command that makes one.
+OUTSIDE = {
+    "diagnostics": (
+        "diagnostic",
+        "a grid cell made with changed settings to explain a result: "
+        f"`{RUN} --setting S --tasks T --methods M --seeds K --set KEY=VALUE --runs-dir benchmarks/paper/diagnostics`",
+    ),
+    "superseded": (
+        "superseded",
+        "a grid cell made under settings the grid has since changed, kept as the evidence for the change (each "
+        "change is explained where it is made in `benchmarks/paper/grid.py`)",
+    ),
+}
+
+
+def outside_lines(outside: dict[str, dict], runs: dict) -> list[str]:
+    """One row per (folder, cell, changed settings): the seeds, their mean test score, and the mean of the grid's
+    own runs on the same seeds."""
+    if not any(outside.values()):
         return []
-    lines = [
-        "## Diagnostics",
+    lines = ["## Runs outside the grid", ""]
+    lines += [f"- `benchmarks/paper/{name}/`: {OUTSIDE[name][1]}." for name, found in outside.items() if found]
+    lines += [
         "",
-        "Runs outside the grid, each made to explain a result: the cell's command with the changed settings, "
-        f"`{RUN} --setting S --tasks T --methods M --seeds K --set KEY=VALUE --runs-dir benchmarks/paper/diagnostics`"
-        f"; files in `benchmarks/paper/diagnostics/`.",
-        "",
-        "| setting | task | method | seed | changed settings | test | the grid's run: test |",
-        "|---|---|---|---|---|---|---|",
+        "| kind | setting | task | method | settings that differ from the grid's | seeds | test | the grid's runs, "
+        "same seeds |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for (setting, task_key, method_key), group in sorted(diagnostics.items()):
-        task = grid.find_task(setting, task_key)
-        for run in group:
-            same = [r for r in runs.get((setting, task_key, method_key), []) if r["seed"] == run["seed"]]
-            ours = m.score(run)
-            theirs = m.score(same[0]) if same else None
+    for name, groups in outside.items():
+        rows: dict[tuple, list[dict]] = {}
+        for key, group in sorted(groups.items()):
+            for run in group:
+                rows.setdefault((*key, ", ".join(changed_settings(run)) or "-"), []).append(run)
+        for (setting, task_key, method_key, changed), group in rows.items():
+            seeds = [r["seed"] for r in group]
+            same = [r for r in runs.get((setting, task_key, method_key), []) if r["seed"] in seeds]
+            grid_text = "not run" if not same else fmt(mean_score(same))
+            if same and len(same) < len(seeds):
+                grid_text += f" ({len(same)} of the seeds)"
             lines.append(
-                f"| {grid.SETTING_LABELS[setting]} | {task.label} | {grid.METHODS[method_key].label} | {run['seed']} "
-                f"| {', '.join(changed_settings(run)) or '-'} | {'–' if ours is None else f'{ours:.1f}'} "
-                f"| {'not run' if not same else '–' if theirs is None else f'{theirs:.1f}'} |"
+                f"| {OUTSIDE[name][0]} | {grid.SETTING_LABELS[setting]} | {grid.find_task(setting, task_key).label} "
+                f"| {grid.METHODS[method_key].label} | {changed} | {', '.join(map(str, seeds))} "
+                f"| {fmt(mean_score(group))} | {grid_text} |"
             )
     return [*lines, ""]
 
 
-def build_report(runs_dir: Path, out: Path, img_dir: Path, diagnostics_dir: Path | None = None) -> str:
+def build_report(runs_dir: Path, out: Path, img_dir: Path, outside_dir: Path | None = None) -> str:
     runs = m.load_runs(runs_dir)
     rel = Path(os.path.relpath(img_dir, out.parent))
     n_runs = sum(len(g) for g in runs.values())
@@ -342,8 +368,8 @@ def build_report(runs_dir: Path, out: Path, img_dir: Path, diagnostics_dir: Path
             png = img_dir / f"curves-{setting}-{task.key}.png"
             if curves_png(runs, setting, task, png):
                 page += [f"![{task.label} {setting}]({rel / png.name})", ""]
-    if diagnostics_dir is not None and diagnostics_dir.is_dir():
-        page += diagnostic_lines(m.load_runs(diagnostics_dir), runs)
+    if outside_dir is not None:
+        page += outside_lines({name: m.load_runs(outside_dir / name) for name in OUTSIDE}, runs)
     page += ["## Setup", "", f"From `benchmarks/paper/grid.py` (`{REPORT}`).", "", *setup_lines(), ""]
     text = "\n".join(page)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -356,9 +382,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs-dir", type=Path, default=RUNS_DIR)
     parser.add_argument("--out", type=Path, default=grid.ROOT / "docs" / "results.md")
     parser.add_argument("--img-dir", type=Path, help="default: img/ next to --out")
-    parser.add_argument("--diagnostics-dir", type=Path, default=DIAGNOSTICS_DIR, help="runs outside the grid")
+    parser.add_argument(
+        "--outside-dir", type=Path, default=OUTSIDE_DIR, help="the folder of diagnostics/ and superseded/"
+    )
     args = parser.parse_args(argv)
-    build_report(args.runs_dir, args.out, args.img_dir or args.out.parent / "img", args.diagnostics_dir)
+    build_report(args.runs_dir, args.out, args.img_dir or args.out.parent / "img", args.outside_dir)
     print(f"wrote {args.out}")
     return 0
 
