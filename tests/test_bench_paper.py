@@ -66,7 +66,7 @@ def test_harness_runs_skips_finished_cells_and_reports(paper_path, monkeypatch, 
     assert [f.stat().st_mtime_ns for f in files] == stamps
 
     # a diagnostic run: the grid's cell made with another setting, reported beside the grid's own run
-    diagnostics = tmp_path / "diagnostics" / "fewshot" / "cluewsc" / "fl"
+    diagnostics = tmp_path / "diagnostics" / "head-lr" / "fewshot" / "cluewsc" / "fl"  # a folder per investigation
     diagnostics.mkdir(parents=True)
     changed = json.loads(files[0].read_text())
     changed["config"]["train"]["head_lr"] = 0.003

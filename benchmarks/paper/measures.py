@@ -29,9 +29,10 @@ Key = tuple[str, str, str]  # (setting, task, method)
 
 
 def load_runs(runs_dir: Path) -> dict[Key, list[dict[str, Any]]]:
-    """Every run JSON under ``runs_dir``, grouped by (setting, task, method), sorted by seed."""
+    """Every run JSON under ``runs_dir`` (at any depth: ``diagnostics/<name>/`` holds one grid layout per
+    investigation), grouped by (setting, task, method), sorted by seed."""
     groups: dict[Key, list[dict[str, Any]]] = {}
-    for path in sorted(Path(runs_dir).glob("*/*/*/seed*.json")):
+    for path in sorted(Path(runs_dir).rglob("seed*.json")):
         run = json.loads(path.read_text(encoding="utf-8"))
         groups.setdefault((run["setting"], run["task"], run["method"]), []).append(run)
     for group in groups.values():

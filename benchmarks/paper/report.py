@@ -236,7 +236,8 @@ OUTSIDE = {
     "diagnostics": (
         "diagnostic",
         "a grid cell made with changed settings to explain a result: "
-        f"`{RUN} --setting S --tasks T --methods M --seeds K --set KEY=VALUE --runs-dir benchmarks/paper/diagnostics`",
+        f"`{RUN} --setting S --tasks T --methods M --seeds K --set KEY=VALUE --runs-dir "
+        "benchmarks/paper/diagnostics/NAME --work-dir SCRATCH/NAME` (a folder per investigation)",
     ),
     "superseded": (
         "superseded",
