@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -12,13 +13,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("FLTUNING_DATA_DIR", REPO_ROOT.parent / "shared" / "data"))
 
 
-def char_vocab() -> list[str]:
-    """Specials, [unused1..99], ASCII, full-width punctuation and every CJK unified ideograph (U+4E00..U+9FFF)."""
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"[unused{i}]" for i in range(1, 100)]
-    ascii_chars = [chr(c) for c in range(33, 127)]
-    fullwidth = list("，。！？；：、（）《》“”‘’【】…—～·")
-    cjk = [chr(c) for c in range(0x4E00, 0xA000)]
-    return specials + ascii_chars + fullwidth + cjk
+def _load_char_vocab():
+    """``char_vocab`` of ``benchmarks/paper/tiny.py`` (the harness's tiny model uses the same vocabulary): specials,
+    [unused1..99], ASCII, full-width punctuation and every CJK unified ideograph (U+4E00..U+9FFF)."""
+    spec = importlib.util.spec_from_file_location("_paper_tiny", REPO_ROOT / "benchmarks" / "paper" / "tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.char_vocab
+
+
+char_vocab = _load_char_vocab()
 
 
 @pytest.fixture(scope="session")

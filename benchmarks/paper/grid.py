@@ -199,7 +199,7 @@ FEWSHOT = (
         "used to select. 30 epochs (the full task's) instead of the YAML's 50: cost." + FEWSHOT_POINTER_WHY,
         carve=(Carve("cluener2020/train.jsonl", {"train": 320, "dev": 320}, per_seed=True),),
         files={"test": "cluener2020/dev.jsonl"},
-        minutes=40,
+        minutes=15,
     ),
     Task(
         "iflytek",

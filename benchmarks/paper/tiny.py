@@ -22,6 +22,7 @@ TINY_SETTINGS = {
 
 
 def char_vocab() -> list[str]:
+    """Specials, [unused1..99], ASCII, full-width punctuation and every CJK unified ideograph (U+4E00..U+9FFF)."""
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"[unused{i}]" for i in range(1, 100)]
     ascii_chars = [chr(c) for c in range(33, 127)]
     fullwidth = list("，。！？；：、（）《》“”‘’【】…—～·")
