@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 PAPER = Path(__file__).resolve().parents[1] / "benchmarks" / "paper"
-MODULES = ("grid", "splits", "measures", "plots", "tiny")
+MODULES = ("grid", "splits", "measures", "claims", "plots", "tiny")
 
 
 @pytest.fixture
@@ -121,6 +121,24 @@ def test_convergence_is_steps_to_95_percent_of_the_runs_own_best(paper_path):
     ratio = convergence_ratio([fl], [pt])
     assert ratio["ratio"] == 2.0 and ratio["seconds"] == (4.0, 8.0, 2.0)
     assert time_to_converge(run(0, [0.5, 0.8], test=0.505)) is None  # at chance on test: nothing converged
+
+
+def test_gaps_between_methods_pair_seeds_and_need_two_for_a_verdict(paper_path):
+    from claims import gap_text, gap_verdict
+    from measures import paired_difference
+
+    def run(seed, test, status="finished"):
+        return {"seed": seed, "status": status, "metric": "f1", "percent": True, "test": {"f1": test}}
+
+    fl = [run(0, 0.50), run(1, 0.60), run(2, 0.90)]  # seed 2 has no partner: it must not lift FL's side
+    pt = [run(0, 0.40), run(1, 0.45), run(3, 0.10), run(4, 0.2, status="diverged")]
+    gap, se, n = paired_difference(fl, pt)
+    assert n == 2 and gap == pytest.approx(12.5) and se == pytest.approx(2.5)
+    assert gap_verdict((gap, se, n)) == "reproduced" and gap_text((gap, se, n)) == "+12.5 ± 2.5 (2 seeds)"
+    one = paired_difference(fl[:1], pt)
+    assert one[2] == 1 and gap_verdict(one) == "same sign, within noise" and gap_text(one) == "+10.0 (1 seed)"
+    assert paired_difference(fl[2:], pt) is None and gap_verdict(None).startswith("pending")
+    assert gap_verdict(paired_difference(pt[:2], fl)) == "not reproduced"
 
 
 def test_cell_settings_layer_the_task_lr_floor_methods_and_per_task_method_changes(paper_path):

@@ -5,9 +5,10 @@
 P-tuning v2 is compared twice: at FL-tuning's LR (the paper's code runs both methods with one LR) and at an LR of
 its own (``ptuning_v2_lr``), so that a lead that only comes from the shared LR shows as such.
 
-Verdicts for a gap between two methods: "reproduced" when the mean difference has the paper's sign and exceeds
-twice its standard error over seeds, "same sign, within noise" when it has the sign but not the margin, "not
-reproduced" otherwise, "pending" while either side has no finished run.
+A gap between two methods is taken over the seeds both have run (``measures.paired_difference``). Verdicts:
+"reproduced" when the mean gap has the paper's sign and exceeds twice its standard error over 2 or more seeds,
+"same sign, within noise" when it has the sign but not the margin (or only one seed), "not reproduced" otherwise,
+"pending" while no seed has finished on both sides.
 """
 
 from __future__ import annotations
@@ -22,24 +23,27 @@ SPEEDUP = 1.17  # P-tuning v2 steps / FL steps ("converges about 1.17x faster")
 COMPARABLE = 2.0  # points: FL within this of full fine-tuning (or above) counts as comparable
 PENDING = "pending (not run yet)"
 
-Diff = tuple[float, float] | None
+Diff = tuple[float, float, int] | None  # (mean gap, its standard error, seeds)
 
 
 def compare(runs: dict, setting: str, task: str, a: str, b: str) -> Diff:
-    return m.difference(m.scores(runs.get((setting, task, a), [])), m.scores(runs.get((setting, task, b), [])))
+    return m.paired_difference(runs.get((setting, task, a), []), runs.get((setting, task, b), []))
 
 
 def gap_verdict(diff: Diff) -> str:
     if diff is None:
         return PENDING
-    gap, se = diff
-    if gap > 0 and gap > 2 * se:
+    gap, se, n = diff
+    if gap > 0 and n > 1 and gap > 2 * se:
         return "reproduced"
     return "same sign, within noise" if gap > 0 else "not reproduced"
 
 
 def gap_text(diff: Diff) -> str:
-    return "–" if diff is None else f"{diff[0]:+.1f} ± {diff[1]:.1f}"
+    if diff is None:
+        return "–"
+    gap, se, n = diff
+    return f"{gap:+.1f} (1 seed)" if n == 1 else f"{gap:+.1f} ± {se:.1f} ({n} seeds)"
 
 
 def fl_failures(runs: dict, setting: str, task: str) -> str:
@@ -65,8 +69,8 @@ def ranking_tasks(runs: dict) -> list[tuple[str, str]]:
 
 
 def wins(runs: dict, a: str, b: str) -> tuple[int, int]:
-    """Ranking tasks (both settings) where ``a``'s mean test score is above ``b``'s, and those where both have
-    runs."""
+    """Ranking tasks (both settings) where ``a``'s test score is above ``b``'s on average over the seeds both have
+    run, and the tasks where they share a seed."""
     won = total = 0
     for setting, task in ranking_tasks(runs):
         diff = compare(runs, setting, task, a, b)
@@ -124,9 +128,9 @@ def claim_rows(runs: dict, bert_base_share: str) -> list[tuple[str, str, str, st
             "almost all",
             "; ".join(f"vs {labels[k]}: {count_text(k)}" for k in beats),
             "; ".join(f"vs {labels[k]}: {count_verdict(k)}" for k in beats),
-            "mean test score over seeds per task, both settings, on the tasks where some method beats the majority "
-            "class by more than 1.5 points; P-tuning v2 has FL's parameter budget; 'almost all' read as at least "
-            "3 tasks in 4",
+            "mean test-score gap over the seeds both methods have run, per task, both settings, on the tasks where "
+            "some method beats the majority class by more than 1.5 points; P-tuning v2 has FL's parameter budget; "
+            "'almost all' read as at least 3 tasks in 4",
         )
     )
     for claim, paper, setting, task, why in (
@@ -230,7 +234,7 @@ def claim_rows(runs: dict, bert_base_share: str) -> list[tuple[str, str, str, st
         (
             "+12.9 accuracy over fine-tuning on WSC 1.1",
             "+12.9",
-            gap_text(diff) + " (few-shot CLUEWSC)",
+            gap_text(diff) + " on few-shot CLUEWSC",
             gap_verdict(diff),
             "not testable as stated: WSC 1.1's test labels are not public and its training set is not here; "
             "measured on the nearest, few-shot CLUEWSC",

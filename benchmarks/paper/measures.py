@@ -129,14 +129,17 @@ def convergence_ratio(fl: list[dict], other: list[dict]) -> dict[str, Any] | Non
     }
 
 
-def difference(a: list[float], b: list[float]) -> tuple[float, float] | None:
-    """mean(a) - mean(b) and its standard error (Welch); None when either side is empty."""
-    if not a or not b:
+def paired_difference(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> tuple[float, float, int] | None:
+    """The mean of (a's test score - b's) over the seeds both have run, its standard error over those seeds (nan for
+    one seed) and their number; None when no seed has a score on both sides. A seed is the same data split for every
+    method, and few-shot splits differ in difficulty, so the gap is taken seed by seed, never between means over
+    different seeds."""
+    theirs = {r["seed"]: score(r) for r in b}
+    diffs = [score(r) - theirs[r["seed"]] for r in a if score(r) is not None and theirs.get(r["seed"]) is not None]
+    if not diffs:
         return None
-    var = (statistics.variance(a) / len(a) if len(a) > 1 else 0.0) + (
-        statistics.variance(b) / len(b) if len(b) > 1 else 0.0
-    )
-    return statistics.fmean(a) - statistics.fmean(b), math.sqrt(var)
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+    return statistics.fmean(diffs), se, len(diffs)
 
 
 def geometric_mean(values: list[float]) -> float | None:
