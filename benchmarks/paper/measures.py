@@ -103,12 +103,17 @@ def time_to_converge(run: dict[str, Any]) -> tuple[int, float] | None:
     return next((step, seconds) for step, seconds, s in points_ if s >= CONVERGED * best)
 
 
+def seed_pairs(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(a's run, b's run) for each seed both have run, in a's order: a seed is the same data split for every method."""
+    by_seed = {r["seed"]: r for r in b}
+    return [(r, by_seed[r["seed"]]) for r in a if r["seed"] in by_seed]
+
+
 def convergence_ratio(fl: list[dict], other: list[dict]) -> dict[str, Any] | None:
     """How much sooner FL-tuning converges than ``other``, over the seeds both have (and both converged on):
     mean steps of each, their ratio (other / FL: above 1 means FL is faster), and the same in seconds for the seeds
     that ran on the same kind of device (seconds on a GPU and on a CPU do not compare)."""
-    by_seed = {r["seed"]: r for r in other}
-    pairs = [(r, by_seed[r["seed"]]) for r in fl if r["seed"] in by_seed]
+    pairs = seed_pairs(fl, other)
     timed = [(time_to_converge(a), time_to_converge(b), a["device"] == b["device"]) for a, b in pairs]
     timed = [(a, b, same) for a, b, same in timed if a is not None and b is not None]
     if not timed:
@@ -134,8 +139,8 @@ def paired_difference(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> tuple
     one seed) and their number; None when no seed has a score on both sides. A seed is the same data split for every
     method, and few-shot splits differ in difficulty, so the gap is taken seed by seed, never between means over
     different seeds."""
-    theirs = {r["seed"]: score(r) for r in b}
-    diffs = [score(r) - theirs[r["seed"]] for r in a if score(r) is not None and theirs.get(r["seed"]) is not None]
+    both = [(score(x), score(y)) for x, y in seed_pairs(a, b)]
+    diffs = [x - y for x, y in both if x is not None and y is not None]
     if not diffs:
         return None
     se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
