@@ -141,6 +141,16 @@ def test_gaps_between_methods_pair_seeds_and_need_two_for_a_verdict(paper_path):
     assert gap_verdict(paired_difference(pt[:2], fl)) == "not reproduced"
 
 
+def test_a_smaller_std_counts_as_more_stable_only_beyond_seed_noise(paper_path):
+    from measures import spread_lower
+
+    steady, noisy = [50.0, 50.5, 49.5, 50.2, 49.8], [45.0, 55.0, 40.0, 60.0, 50.0]
+    assert spread_lower(steady, noisy) and not spread_lower(noisy, steady)
+    # stds 1.27 and 1.27 (few-shot CLUENER, FL against P-tuning v2 at 5e-3): lower by a hair is not lower
+    assert not spread_lower([53.5, 55.0, 56.9, 54.8, 55.2], [44.0, 45.3, 47.2, 45.1, 45.7])
+    assert spread_lower([50.0, 50.0, 50.0], [40.0, 50.0, 60.0]) and not spread_lower([50.0, 50.0], [50.0, 50.0])
+
+
 def test_cell_settings_layer_the_task_lr_floor_methods_and_per_task_method_changes(paper_path):
     import grid
 

@@ -10,7 +10,9 @@
   best dev score, for runs that learned (test score at least 1 point above the majority class); a run at chance
   "converges" at its first evaluation, so it is left out.
 - **Stability**: the standard deviation of the score over seeds, and whether a run fails to beat the majority class
-  (the score of always answering the training set's most frequent label; 0 for NER and CMRC).
+  (the score of always answering the training set's most frequent label; 0 for NER and CMRC). One method's spread
+  counts as lower than another's only when a one-sided F-test says so (p < 0.05): with 3-5 seeds a std is itself
+  uncertain by about a third, so a smaller std alone is no evidence.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import math
 import statistics
 from pathlib import Path
 from typing import Any
+
+from scipy import stats
 
 CONVERGED = 0.95  # a run has converged once its dev score reaches this fraction of its own best
 LEARNED_MARGIN = 1.0  # points above the majority class on test for a run to count as having learned
@@ -63,6 +67,16 @@ def mean_std(values: list[float]) -> tuple[float, float] | None:
     if not values:
         return None
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def spread_lower(a: list[float], b: list[float], alpha: float = 0.05) -> bool:
+    """Whether the scores ``a`` vary less over seeds than ``b`` beyond what seed noise explains: a one-sided F-test
+    of var(b) / var(a) (scores roughly normal over seeds). Needs 2+ scores on each side."""
+    var_a, var_b = statistics.variance(a), statistics.variance(b)
+    if var_b == 0:
+        return False
+    ratio = var_b / var_a if var_a > 0 else math.inf
+    return bool(stats.f.sf(ratio, len(b) - 1, len(a) - 1) < alpha)
 
 
 def separates(groups: list[list[dict[str, Any]]]) -> bool:
