@@ -196,8 +196,8 @@ def claim_rows(runs: dict, bert_base_share: str) -> list[tuple[str, str, str, st
             per_baseline(stable_verdict),
             "std of the test score over seeds (few-shot: the 5 FewCLUE splits) on the tasks where some method beats "
             "the majority class by more than 1.5 points, FL's counted as lower only where a one-sided F-test of the "
-            "two variances gives p < 0.05 (with 3-5 seeds a std is itself uncertain by about a third); failures over "
-            "all runs",
+            "two variances gives p < 0.05 (with 5 seeds a std is itself uncertain by about a third, with 3 by half); "
+            "failures over all runs",
         )
     )
     params = next((g[0]["parameters"] for (_, _, k), g in runs.items() if k == "fl" and g), None)

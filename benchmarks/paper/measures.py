@@ -11,8 +11,8 @@
   "converges" at its first evaluation, so it is left out.
 - **Stability**: the standard deviation of the score over seeds, and whether a run fails to beat the majority class
   (the score of always answering the training set's most frequent label; 0 for NER and CMRC). One method's spread
-  counts as lower than another's only when a one-sided F-test says so (p < 0.05): with 3-5 seeds a std is itself
-  uncertain by about a third, so a smaller std alone is no evidence.
+  counts as lower than another's only when a one-sided F-test says so (p < 0.05): with 5 seeds a std is itself
+  uncertain by about a third (with 3 by half), so a smaller std alone is no evidence.
 """
 
 from __future__ import annotations
