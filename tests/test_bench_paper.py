@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import runpy
+import statistics
 import sys
 from pathlib import Path
 
@@ -146,8 +147,9 @@ def test_a_smaller_std_counts_as_more_stable_only_beyond_seed_noise(paper_path):
 
     steady, noisy = [50.0, 50.5, 49.5, 50.2, 49.8], [45.0, 55.0, 40.0, 60.0, 50.0]
     assert spread_lower(steady, noisy) and not spread_lower(noisy, steady)
-    # stds 1.27 and 1.27 (few-shot CLUENER, FL against P-tuning v2 at 5e-3): lower by a hair is not lower
-    assert not spread_lower([53.5, 55.0, 56.9, 54.8, 55.2], [44.0, 45.3, 47.2, 45.1, 45.7])
+    # stds 1.22 and 1.23, as close as FL's and P-tuning v2's (5e-3) on few-shot CLUENER: lower by a hair is not lower
+    hair, other = [53.5, 55.0, 56.9, 54.8, 55.2], [44.0, 45.3, 47.4, 45.1, 45.6]
+    assert statistics.stdev(hair) < statistics.stdev(other) and not spread_lower(hair, other)
     assert spread_lower([50.0, 50.0, 50.0], [40.0, 50.0, 60.0]) and not spread_lower([50.0, 50.0], [50.0, 50.0])
 
 
