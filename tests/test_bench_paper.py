@@ -153,6 +153,26 @@ def test_a_smaller_std_counts_as_more_stable_only_beyond_seed_noise(paper_path):
     assert spread_lower([50.0, 50.0, 50.0], [40.0, 50.0, 60.0]) and not spread_lower([50.0, 50.0], [50.0, 50.0])
 
 
+def test_stability_counts_spreads_and_failures_only_on_tasks_that_rank_methods(paper_path):
+    from claims import stability
+
+    def runs(scores, majority=0.5):
+        return [{"seed": s, "status": "finished", "metric": "accuracy", "percent": True, "test": {"accuracy": v},
+                 "majority": {"test": majority}} for s, v in enumerate(scores)]  # fmt: skip
+
+    grid = {  # TNEWS ranks methods (FL steady, P-tuning v2 all over the place); CSL has every run at chance
+        ("fewshot", "tnews", "fl"): runs([0.80, 0.81, 0.79, 0.80, 0.45]),
+        ("fewshot", "tnews", "ptuning_v2"): runs([0.40, 0.90, 0.20, 0.70, 0.60]),
+        ("fewshot", "csl", "fl"): runs([0.50, 0.50, 0.49]),
+        ("fewshot", "csl", "ptuning_v2"): runs([0.50, 0.50, 0.49]),
+    }
+    lower, total, fails = stability(grid, "ptuning_v2")
+    assert (lower, total) == (0, 1)  # FL's one failed split makes its spread no lower beyond noise
+    assert fails == "runs not beating the majority class: FL 1/5, it 2/5"  # CSL's 6 chance runs left out
+    grid[("fewshot", "tnews", "fl")] = runs([0.80, 0.81, 0.79, 0.80, 0.82])
+    assert stability(grid, "ptuning_v2")[:2] == (1, 1)
+
+
 def test_cell_settings_layer_the_task_lr_floor_methods_and_per_task_method_changes(paper_path):
     import grid
 
