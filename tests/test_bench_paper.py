@@ -173,6 +173,24 @@ def test_stability_counts_spreads_and_failures_only_on_tasks_that_rank_methods(p
     assert stability(grid, "ptuning_v2")[:2] == (1, 1)
 
 
+def test_task_wins_count_the_tasks_whose_gap_rests_on_one_seed(paper_path):
+    from claims import wins
+
+    def runs(scores, majority=0.1):
+        return [{"seed": s, "status": "finished", "metric": "accuracy", "percent": True, "test": {"accuracy": v},
+                 "majority": {"test": majority}} for s, v in enumerate(scores)]  # fmt: skip
+
+    grid = {  # TNEWS: 3 shared seeds, FL ahead; IFLYTEK: FL ahead on its one seed; CHID: P-tuning v2 ahead on one
+        ("fewshot", "tnews", "fl"): runs([0.50, 0.52, 0.51]),
+        ("fewshot", "tnews", "ptuning_v2"): runs([0.40, 0.41, 0.42]),
+        ("fewshot", "iflytek", "fl"): runs([0.30]),
+        ("fewshot", "iflytek", "ptuning_v2"): runs([0.20, 0.25]),
+        ("fewshot", "chid", "fl"): runs([0.20]),
+        ("fewshot", "chid", "ptuning_v2"): runs([0.30]),
+    }
+    assert wins(grid, "fl", "ptuning_v2") == (2, 3, 2)
+
+
 def test_cell_settings_layer_the_task_lr_floor_methods_and_per_task_method_changes(paper_path):
     import grid
 

@@ -68,15 +68,15 @@ def ranking_tasks(runs: dict) -> list[tuple[str, str]]:
     ]
 
 
-def wins(runs: dict, a: str, b: str) -> tuple[int, int]:
+def wins(runs: dict, a: str, b: str) -> tuple[int, int, int]:
     """Ranking tasks (both settings) where ``a``'s test score is above ``b``'s on average over the seeds both have
-    run, and the tasks where they share a seed."""
-    won = total = 0
+    run, the tasks where they share a seed, and how many of those share only one (a gap that says little yet)."""
+    won = total = single = 0
     for setting, task in ranking_tasks(runs):
         diff = compare(runs, setting, task, a, b)
         if diff is not None:
-            total, won = total + 1, won + (diff[0] > 0)
-    return won, total
+            total, won, single = total + 1, won + (diff[0] > 0), single + (diff[2] == 1)
+    return won, total, single
 
 
 def convergence(runs: dict, baseline: str) -> tuple[float | None, int, int]:
@@ -115,11 +115,12 @@ def claim_rows(runs: dict, bert_base_share: str) -> list[tuple[str, str, str, st
     rows = []
 
     def count_text(key: str) -> str:
-        won, total = wins(runs, "fl", key)
-        return f"FL higher on {won} of {total} tasks" if total else "–"
+        won, total, single = wins(runs, "fl", key)
+        one_seed = f" ({single} of the {total} on one seed so far)" if single else ""
+        return f"FL higher on {won} of {total} tasks{one_seed}" if total else "–"
 
     def count_verdict(key: str) -> str:
-        won, total = wins(runs, "fl", key)
+        won, total, _ = wins(runs, "fl", key)
         return PENDING if not total else "reproduced" if won >= 0.75 * total else "not reproduced"
 
     beats = [*BASELINES, "prompt_tuning"]
