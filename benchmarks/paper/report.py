@@ -39,7 +39,8 @@ def cell_text(group: list[dict], expected: int) -> str:
         return "not run" if not group else "diverged"
     mean, std = m.mean_std(values)
     count = "" if len(values) == expected else f" ({len(values)}/{expected})"
-    return f"{mean:.1f} ± {std:.1f}{count}"
+    spread = f" ± {std:.1f}" if len(values) > 1 else ""  # one seed has no spread to show
+    return f"{mean:.1f}{spread}{count}"
 
 
 def commands(setting: str) -> str:
