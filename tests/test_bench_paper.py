@@ -65,6 +65,13 @@ def test_harness_runs_skips_finished_cells_and_reports(paper_path, monkeypatch, 
     assert run_script(monkeypatch, "run.py", *args) == 0
     assert "4 done, 0 to run" in capsys.readouterr().out
     assert [f.stat().st_mtime_ns for f in files] == stamps
+    # a JSON lost while its finished run folder stays is recorded again from the folder, with the wall time it took
+    first = json.loads(files[0].read_text())
+    files[0].unlink()
+    assert run_script(monkeypatch, "run.py", *args) == 0
+    again = json.loads(files[0].read_text())
+    assert again["test"] == first["test"] and again["steps"] == first["steps"]
+    assert first["wall_seconds"] <= again["wall_seconds"] < first["wall_seconds"] + 5
 
     # a diagnostic run: the grid's cell made with another setting, reported beside the grid's own run
     diagnostics = tmp_path / "diagnostics" / "head-lr" / "fewshot" / "cluewsc" / "fl"  # a folder per investigation

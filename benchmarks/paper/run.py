@@ -212,6 +212,16 @@ def estimate_seconds(cell: grid.Cell, done: list[dict], device: str = "cpu") -> 
     return cell.task.minutes * 60
 
 
+def add_wall_seconds(folder: Path, seconds: float) -> float:
+    """The run's wall time over all its segments, kept in its folder: a stopped run resumes in a later command, and
+    a finished run whose JSON is gone (deleted, or a machine that kept the folder but not the file) is recorded
+    again from the folder without training, with the wall time it took."""
+    path = folder / "wall_seconds.txt"
+    total = seconds + (float(path.read_text()) if path.is_file() else 0.0)
+    path.write_text(f"{total:.1f}\n")
+    return total
+
+
 def claim(claim_dir: Path | None, cell: grid.Cell) -> bool:
     """Whether this worker may run ``cell``: always without ``claim_dir``, else if it is the first to create the
     cell's claim folder (``mkdir`` is atomic). A worker that dies leaves its claim: delete the folder to retry."""
@@ -359,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             train(config, callback=stop_at_deadline)
             status = "finished"
         except TrainingStopped:
+            add_wall_seconds(folder, time.monotonic() - t0)
             print(
                 f"  stopped (budget spent, or SIGINT/SIGTERM); {folder} resumes when this command runs again",
                 flush=True,
@@ -371,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
             failures += 1
             continue
-        record = run_record(cell, config, folder, status, time.monotonic() - t0, majority)
+        record = run_record(cell, config, folder, status, add_wall_seconds(folder, time.monotonic() - t0), majority)
         write_json(result_path(runs_dir, cell), record)
         done.append(record)
         if status == "finished":
