@@ -160,7 +160,7 @@ def test_a_smaller_std_counts_as_more_stable_only_beyond_seed_noise(paper_path):
     assert spread_lower([50.0, 50.0, 50.0], [40.0, 50.0, 60.0]) and not spread_lower([50.0, 50.0], [50.0, 50.0])
 
 
-def runs(scores: list[float], majority: float = 0.5) -> list[dict]:
+def accuracy_runs(scores: list[float], majority: float = 0.5) -> list[dict]:
     """Finished accuracy runs, one per seed, with the majority-class score ``majority``."""
     return [{"seed": s, "status": "finished", "metric": "accuracy", "percent": True, "test": {"accuracy": v},
              "majority": {"test": majority}} for s, v in enumerate(scores)]  # fmt: skip
@@ -170,15 +170,15 @@ def test_stability_counts_spreads_and_failures_only_on_tasks_that_rank_methods(p
     from claims import stability
 
     grid = {  # TNEWS ranks methods (FL steady, P-tuning v2 all over the place); CSL has every run at chance
-        ("fewshot", "tnews", "fl"): runs([0.80, 0.81, 0.79, 0.80, 0.45]),
-        ("fewshot", "tnews", "ptuning_v2"): runs([0.40, 0.90, 0.20, 0.70, 0.60]),
-        ("fewshot", "csl", "fl"): runs([0.50, 0.50, 0.49]),
-        ("fewshot", "csl", "ptuning_v2"): runs([0.50, 0.50, 0.49]),
+        ("fewshot", "tnews", "fl"): accuracy_runs([0.80, 0.81, 0.79, 0.80, 0.45]),
+        ("fewshot", "tnews", "ptuning_v2"): accuracy_runs([0.40, 0.90, 0.20, 0.70, 0.60]),
+        ("fewshot", "csl", "fl"): accuracy_runs([0.50, 0.50, 0.49]),
+        ("fewshot", "csl", "ptuning_v2"): accuracy_runs([0.50, 0.50, 0.49]),
     }
     lower, total, fails = stability(grid, "ptuning_v2")
     assert (lower, total) == (0, 1)  # FL's one failed split makes its spread no lower beyond noise
     assert fails == "runs not beating the majority class: FL 1/5, it 2/5"  # CSL's 6 chance runs left out
-    grid[("fewshot", "tnews", "fl")] = runs([0.80, 0.81, 0.79, 0.80, 0.82])
+    grid[("fewshot", "tnews", "fl")] = accuracy_runs([0.80, 0.81, 0.79, 0.80, 0.82])
     assert stability(grid, "ptuning_v2")[:2] == (1, 1)
 
 
@@ -186,12 +186,12 @@ def test_task_wins_count_the_tasks_whose_gap_rests_on_one_seed(paper_path):
     from claims import wins
 
     grid = {  # TNEWS: 3 shared seeds, FL ahead; IFLYTEK: FL ahead on its one seed; CHID: P-tuning v2 ahead on one
-        ("fewshot", "tnews", "fl"): runs([0.50, 0.52, 0.51], 0.1),
-        ("fewshot", "tnews", "ptuning_v2"): runs([0.40, 0.41, 0.42], 0.1),
-        ("fewshot", "iflytek", "fl"): runs([0.30], 0.1),
-        ("fewshot", "iflytek", "ptuning_v2"): runs([0.20, 0.25], 0.1),
-        ("fewshot", "chid", "fl"): runs([0.20], 0.1),
-        ("fewshot", "chid", "ptuning_v2"): runs([0.30], 0.1),
+        ("fewshot", "tnews", "fl"): accuracy_runs([0.50, 0.52, 0.51], 0.1),
+        ("fewshot", "tnews", "ptuning_v2"): accuracy_runs([0.40, 0.41, 0.42], 0.1),
+        ("fewshot", "iflytek", "fl"): accuracy_runs([0.30], 0.1),
+        ("fewshot", "iflytek", "ptuning_v2"): accuracy_runs([0.20, 0.25], 0.1),
+        ("fewshot", "chid", "fl"): accuracy_runs([0.20], 0.1),
+        ("fewshot", "chid", "ptuning_v2"): accuracy_runs([0.30], 0.1),
     }
     assert wins(grid, "fl", "ptuning_v2") == (2, 3, 2)
 
