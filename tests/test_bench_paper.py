@@ -44,6 +44,7 @@ def test_harness_runs_skips_finished_cells_and_reports(paper_path, monkeypatch, 
     for path in files:
         run = json.loads(path.read_text())
         assert run["status"] == "finished" and run["metric"] == "accuracy" and run["device"] == "cpu"
+        assert run["hardware"].endswith(", 1 thread")  # --threads 1: the timings' context
         assert run["config"]["data"]["split"] == run["seed"] == run["config"]["train"]["seed"]
         assert [p["step"] for p in run["curve"]] == [1, 2]
         assert all(p["seconds"] >= 0 for p in run["curve"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
 import grid
@@ -286,6 +287,7 @@ def build_report(runs_dir: Path, out: Path, img_dir: Path, outside_dir: Path | N
     n_runs = sum(len(g) for g in runs.values())
     planned = sum(len(grid.cells(s)) for s in grid.SETTINGS)
     devices = sorted({r["device"] for g in runs.values() for r in g if r.get("device")})
+    hardware = Counter(r["hardware"] for g in runs.values() for r in g if r.get("hardware"))
     page = [
         "# Results: FL-tuning against P-tuning v2, prompt tuning, LoRA and full fine-tuning on Chinese data",
         "",
@@ -300,11 +302,14 @@ def build_report(runs_dir: Path, out: Path, img_dir: Path, outside_dir: Path | N
         "only k of the n seeds have run. The paper's tables are not available: the comparison is with the numbers "
         "in its abstract.",
         "",
-        "Runs on `cuda` were made on a lent NVIDIA H200 (torch 2.11 with CUDA 13, up to 14 runs at once): those "
-        "finished before 2026-11-26 03:00 UTC with a copy of e5-small whose unused vocabulary rows are zero (the "
-        "same outputs for every input these tasks contain), later ones with the complete model. Runs on `cpu` ran "
-        "one at a time on 2 CPU cores. Each run file names its device and finishing time; convergence in seconds "
-        "only compares runs on the same kind of device.",
+        "Runs on `cuda` were made on a lent GPU (torch 2.11 with CUDA 13, up to 14 runs at once): an NVIDIA H200 "
+        "for those finished on 2026-11-26, an H100 for those finished on 2026-11-27; those finished before "
+        "2026-11-26 03:00 UTC used a copy of e5-small whose unused vocabulary rows are zero (the same outputs for "
+        "every input these tasks contain), later ones the complete model. Runs on `cpu` ran on 2 CPU cores, one "
+        "at a time with 2 threads or two at a time with 1 thread each. Each run file names its device and "
+        "finishing time, later ones also the hardware and thread count"
+        + (f" ({', '.join(f'{name}: {n}' for name, n in sorted(hardware.items()))})" if hardware else "")
+        + "; convergence in seconds only compares runs on the same kind of device.",
         "",
         "## The paper's claims, side by side",
         "",

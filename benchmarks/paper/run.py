@@ -188,6 +188,7 @@ def run_record(cell: grid.Cell, config, folder: Path, status: str, wall: float, 
         "versions": run_info.get("versions"),
         "git_revision": run_info.get("git_revision"),
         "device": run_info.get("device"),
+        "hardware": run_info.get("hardware"),
         "wall_seconds": round(wall, 1),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

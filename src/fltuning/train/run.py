@@ -2,7 +2,7 @@
 
     <run>/
       config.yaml        the effective configuration (defaults + YAML + flags)
-      run.json           versions, git revision, seed, command line, processes
+      run.json           versions, git revision, seed, command line, processes, device and hardware
       parameters.json    what trains: the method's count, the head's, % of the model and of its layers
       metrics.jsonl      one JSON line per logged training step and per evaluation
       checkpoints/       step-N folders (atomic; the newest and the best are kept) for --output.resume auto
@@ -56,6 +56,17 @@ def versions() -> dict[str, str]:
         "peft": peft.__version__,
         "fltuning": fltuning.__version__,
     }
+
+
+def hardware(device: torch.device) -> str:
+    """What the run computes on, for reading its timings: the GPU's name, or the CPU's and torch's thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+    threads = torch.get_num_threads()
+    return f"{model or platform.processor() or 'cpu'}, {threads} thread{'s' if threads > 1 else ''}"
 
 
 def git_revision() -> str | None:
@@ -166,6 +177,7 @@ def train(config: RunConfig, callback: Callable[[str, Trainer], None] | None = N
                 "command": sys.argv,
                 "processes": accelerator.num_processes,
                 "device": str(accelerator.device),
+                "hardware": hardware(accelerator.device),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "resumed_from": str(found[-1][1]) if found else None,
             },
