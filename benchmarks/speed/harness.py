@@ -55,6 +55,7 @@ from fltuning.methods.base import TuningMethod, build_method, method_class
 from fltuning.methods.budget import count_on_meta
 from fltuning.tasks.classification import ClassificationHead
 from fltuning.tasks.model import TaskModel, default_pooling
+from fltuning.train.run import cpu_model
 
 RESULTS = Path(__file__).parent / "results"
 # A round starts once the cores our torch threads do not need are all other processes use, give or take QUIET of
@@ -315,22 +316,15 @@ def _peak_memory_child(spec: dict[str, Any]) -> dict[str, float]:
 
 
 def machine() -> dict[str, Any]:
-    """CPU model and cores (lscpu), torch / transformers / Python versions, threads used."""
-    info: dict[str, Any] = {"cpu": platform.processor() or platform.machine(), "cores": None}
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
-        info["cpu"] = fields.get("Model name", info["cpu"]).strip()
-        info["cores"] = int(fields.get("CPU(s)", "0").strip() or 0)
-    except (OSError, subprocess.CalledProcessError, ValueError):
-        pass
-    info.update(
-        torch=torch.__version__,
-        transformers=transformers.__version__,
-        python=platform.python_version(),
-        threads=torch.get_num_threads(),
-    )
-    return info
+    """CPU model and cores, torch / transformers / Python versions, threads used."""
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def result_path(benchmark: str, model: str, threads: int) -> Path:

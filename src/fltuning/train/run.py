@@ -58,15 +58,20 @@ def versions() -> dict[str, str]:
     }
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what ``platform`` knows of it."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+    return model or platform.processor() or platform.machine()
+
+
 def hardware(device: torch.device) -> str:
     """What the run computes on, for reading its timings: the GPU's name, or the CPU's and torch's thread count."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
     threads = torch.get_num_threads()
-    return f"{model or platform.processor() or 'cpu'}, {threads} thread{'s' if threads > 1 else ''}"
+    return f"{cpu_model()}, {threads} thread{'s' if threads > 1 else ''}"
 
 
 def git_revision() -> str | None:
