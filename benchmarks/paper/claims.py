@@ -112,19 +112,20 @@ def stability(runs: dict, baseline: str) -> tuple[int, int, str]:
 
 
 def claim_rows(runs: dict, bert_base_share: str) -> list[tuple[str, str, str, str, str]]:
-    rows = []
+    beats = [*BASELINES, "prompt_tuning"]
+    labels = {**BASELINES, "prompt_tuning": "prompt tuning"}
+    counts = {key: wins(runs, "fl", key) for key in beats}
 
     def count_text(key: str) -> str:
-        won, total, single = wins(runs, "fl", key)
+        won, total, single = counts[key]
         one_seed = f" ({single} of the {total} on one seed so far)" if single else ""
         return f"FL higher on {won} of {total} tasks{one_seed}" if total else "–"
 
     def count_verdict(key: str) -> str:
-        won, total, _ = wins(runs, "fl", key)
+        won, total, _ = counts[key]
         return PENDING if not total else "reproduced" if won >= 0.75 * total else "not reproduced"
 
-    beats = [*BASELINES, "prompt_tuning"]
-    labels = {**BASELINES, "prompt_tuning": "prompt tuning"}
+    rows = []
     rows.append(
         (
             "FL-tuning beats prompt tuning methods in almost all cases, full data and few-shot",

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fltuning.layers import FLDown, FLUp
+from fltuning.train.run import cpu_model
 
 
 def build(d: int, d_ff: int, k: int):
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "torch": torch.__version__,
         "threads": args.threads,
-        "machine": platform.processor() or platform.machine(),
+        "machine": cpu_model(),
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
