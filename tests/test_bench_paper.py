@@ -103,6 +103,17 @@ def test_harness_runs_skips_finished_cells_and_reports(paper_path, monkeypatch, 
         assert f"(img/{png})" in text
 
 
+def test_a_claimed_cell_is_refused_to_other_workers_until_released(paper_path, tmp_path):
+    run = runpy.run_path(str(PAPER / "run.py"))
+    grid = run["grid"]
+    cell = grid.Cell("fewshot", grid.find_task("fewshot", "cluewsc"), grid.METHODS["fl"], 0)
+    claims = tmp_path / "claims"
+    assert run["claim"](claims, cell) and not run["claim"](claims, cell)
+    run["release"](claims, cell)  # a run stopped by its budget: the next worker sharing the folder resumes it
+    assert run["claim"](claims, cell)
+    assert run["claim"](None, cell) and run["claim"](None, cell)  # no shared folder: every worker runs every cell
+
+
 def test_drawn_parts_are_disjoint_reproducible_and_in_file_order(paper_path):
     from splits import draw
 

@@ -230,10 +230,20 @@ def claim(claim_dir: Path | None, cell: grid.Cell) -> bool:
         return True
     claim_dir.mkdir(parents=True, exist_ok=True)
     try:
-        (claim_dir / cell.name.replace("/", "_")).mkdir()
+        claim_folder(claim_dir, cell).mkdir()
         return True
     except FileExistsError:
         return False
+
+
+def release(claim_dir: Path | None, cell: grid.Cell) -> None:
+    """Give ``cell`` back, so that the next worker sharing ``claim_dir`` resumes it (a run stopped by its budget)."""
+    if claim_dir is not None:
+        claim_folder(claim_dir, cell).rmdir()
+
+
+def claim_folder(claim_dir: Path, cell: grid.Cell) -> Path:
+    return claim_dir / cell.name.replace("/", "_")
 
 
 def _cuda_available() -> bool:
@@ -371,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
             status = "finished"
         except TrainingStopped:
             add_wall_seconds(folder, time.monotonic() - t0)
+            release(args.claim_dir, cell)
             print(
                 f"  stopped (budget spent, or SIGINT/SIGTERM); {folder} resumes when this command runs again",
                 flush=True,
