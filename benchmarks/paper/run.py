@@ -239,7 +239,7 @@ def claim(claim_dir: Path | None, cell: grid.Cell) -> bool:
 def release(claim_dir: Path | None, cell: grid.Cell) -> None:
     """Give ``cell`` back, so that the next worker sharing ``claim_dir`` resumes it (a run stopped by its budget)."""
     if claim_dir is not None:
-        claim_folder(claim_dir, cell).rmdir()
+        shutil.rmtree(claim_folder(claim_dir, cell), ignore_errors=True)  # already gone (deleted by hand): fine
 
 
 def claim_folder(claim_dir: Path, cell: grid.Cell) -> Path:
