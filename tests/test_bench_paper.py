@@ -220,3 +220,41 @@ def test_cell_settings_layer_the_task_lr_floor_methods_and_per_task_method_chang
     assert "train.head_lr" not in settings("fewshot", "tnews", "finetune")
     few = settings("fewshot", "tnews", "ptuning_v2_lr", seed=3)
     assert (few["train.lr"], few["data.split"], few["train.seed"]) == (5e-3, 3, 3)
+
+
+def test_a_run_stopped_by_its_budget_gives_its_claim_back_and_a_rerun_resumes_it(
+    paper_path, monkeypatch, tmp_path, data_dir, capsys
+):
+    import fltuning.train.run as train_run
+
+    real_train = train_run.train
+
+    def stopped_after_first_step(config, callback):  # what the budget does once it is spent: ask for a stop
+        def stop(event, trainer):
+            callback(event, trainer)
+            if event == "step":
+                trainer.request_stop()
+
+        return real_train(config, callback=stop)
+
+    runs, claims = tmp_path / "runs", tmp_path / "claims"
+    args = ["--tiny", "--tasks", "cluewsc", "--methods", "fl", "--seeds", "0", "--runs-dir", str(runs)]
+    args += ["--work-dir", str(tmp_path / "work"), "--data-dir", str(data_dir), "--threads", "1"]
+    args += ["--claim-dir", str(claims), "--set", "data.max_train_examples=8"]  # two epochs of one update each
+    monkeypatch.setattr(train_run, "train", stopped_after_first_step)
+    assert run_script(monkeypatch, "run.py", *args) == 0
+    assert "stopped (budget spent" in capsys.readouterr().out
+    result = runs / "fewshot" / "cluewsc" / "fl" / "seed0.json"
+    assert not result.exists() and not any(claims.iterdir())  # nothing recorded, and the cell is free again
+
+    steps = []
+
+    def counting_steps(config, callback):
+        return real_train(config, callback=lambda event, trainer: (steps.append(event), callback(event, trainer)))
+
+    monkeypatch.setattr(train_run, "train", counting_steps)
+    assert run_script(monkeypatch, "run.py", *args) == 0  # the same command, sharing the claim folder
+    run = json.loads(result.read_text())
+    assert run["status"] == "finished" and run["steps"] == 2
+    assert steps.count("step") == 1  # resumed after step 1, neither restarted nor skipped
+    assert [p["step"] for p in run["curve"]] == [1, 2]
