@@ -16,7 +16,7 @@ from pathlib import Path
 
 import grid
 import measures as m
-from claims import BASELINES, SPEEDUP, claim_rows
+from claims import BASELINES, SPEEDUP, claim_rows, ranking_tasks
 from plots import curves_png, spread_png
 
 RUNS_DIR = Path(__file__).resolve().parent / "runs"
@@ -135,14 +135,22 @@ def stability_table(runs: dict) -> list[str]:
                 for s, x in zip(stds, methods, strict=True)
             ]
             lines.append(f"| {grid.SETTING_LABELS[setting]} | {task.label} | " + " | ".join(texts) + " |")
-    lines += ["", "| setting | " + " | ".join(f"{x.label}: fail / runs" for x in methods) + " |"]
-    lines.append("|---" * (len(methods) + 1) + "|")
+    lines += ["", "| setting | tasks | " + " | ".join(f"{x.label}: fail / runs" for x in methods) + " |"]
+    lines.append("|---" * (len(methods) + 2) + "|")
+    ranking = set(ranking_tasks(runs))
     for setting in grid.SETTINGS:
-        cells = []
-        for x in methods:
-            group = [r for (s, _, k), g in runs.items() if s == setting and k == x.key for r in g]
-            cells.append(f"{sum(m.fails(r) for r in group)} / {len(group)}" if group else "–")
-        lines.append(f"| {grid.SETTING_LABELS[setting]} | " + " | ".join(cells) + " |")
+        ranked = sum(s == setting for s, _ in ranking)
+        for label, only in (("all", None), (f"the {ranked} that rank methods", ranking)):
+            cells = []
+            for x in methods:
+                group = [
+                    r
+                    for (s, t, k), g in runs.items()
+                    if s == setting and k == x.key and (only is None or (s, t) in only)
+                    for r in g
+                ]
+                cells.append(f"{sum(m.fails(r) for r in group)} / {len(group)}" if group else "–")
+            lines.append(f"| {grid.SETTING_LABELS[setting]} | {label} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -361,7 +369,8 @@ def build_report(runs_dir: Path, out: Path, img_dir: Path, outside_dir: Path | N
         "## Stability",
         "",
         f"Standard deviation of the test score over seeds, and runs whose test score does not beat the majority "
-        f"class (or that diverged). `{REPORT}`.",
+        f"class (or that diverged), over all tasks and over the tasks that rank methods (some method more than "
+        f"{m.CHANCE_MARGIN} points above the majority class; on the others every run is at chance). `{REPORT}`.",
         "",
         *stability_table(runs),
         "",
