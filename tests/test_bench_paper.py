@@ -114,6 +114,28 @@ def test_a_claimed_cell_is_refused_to_other_workers_until_released(paper_path, t
     assert run["claim"](None, cell) and run["claim"](None, cell)  # no shared folder: every worker runs every cell
 
 
+def test_the_eta_of_an_untimed_method_rescales_the_tasks_runs_by_how_fast_methods_run_elsewhere(paper_path):
+    run = runpy.run_path(str(PAPER / "run.py"))
+    grid = run["grid"]
+
+    def timed(task, method, seconds, device="cpu"):
+        return {"setting": "fewshot", "task": task, "method": method, "device": device, "wall_seconds": seconds}
+
+    # elsewhere on CPU full fine-tuning takes twice FL-tuning's time; a GPU run says nothing about CPU speeds
+    done = [timed("tnews", "fl", 100), timed("tnews", "finetune", 200), timed("iflytek", "fl", 30)]
+    done += [timed("iflytek", "finetune", 60), timed("iflytek", "finetune", 60), timed("csl", "finetune", 5, "cuda")]
+    done += [timed("csl", "fl", 50)]
+    csl = grid.find_task("fewshot", "csl")
+    estimate = run["estimate_seconds"]
+    speeds = run["method_speeds"]([r for r in done if r["device"] == "cpu"])
+    assert speeds == pytest.approx({"fl": 2 / 3, "finetune": 4 / 3})
+    assert estimate(grid.Cell("fewshot", csl, grid.METHODS["finetune"], 0), done) == pytest.approx(100)
+    assert estimate(grid.Cell("fewshot", csl, grid.METHODS["fl"], 1), done) == pytest.approx(50)  # its own time
+    assert estimate(grid.Cell("fewshot", csl, grid.METHODS["lora"], 0), done) == pytest.approx(75)  # never timed
+    cmrc = grid.find_task("fewshot", "cmrc2018")  # nothing of the task timed here: the grid's guess
+    assert estimate(grid.Cell("fewshot", cmrc, grid.METHODS["fl"], 0), done) == cmrc.minutes * 60
+
+
 def test_drawn_parts_are_disjoint_reproducible_and_in_file_order(paper_path):
     from splits import draw
 
