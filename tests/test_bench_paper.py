@@ -114,7 +114,7 @@ def test_a_claimed_cell_is_refused_to_other_workers_until_released(paper_path, t
     assert run["claim"](None, cell) and run["claim"](None, cell)  # no shared folder: every worker runs every cell
 
 
-def test_the_eta_of_an_untimed_method_rescales_the_tasks_runs_by_how_fast_methods_run_elsewhere(paper_path):
+def test_the_eta_rescales_an_untimed_methods_task_runs_and_takes_off_what_a_stopped_run_spent(paper_path, tmp_path):
     run = runpy.run_path(str(PAPER / "run.py"))
     grid = run["grid"]
 
@@ -134,6 +134,12 @@ def test_the_eta_of_an_untimed_method_rescales_the_tasks_runs_by_how_fast_method
     assert estimate(grid.Cell("fewshot", csl, grid.METHODS["lora"], 0), done) == pytest.approx(75)  # never timed
     cmrc = grid.find_task("fewshot", "cmrc2018")  # nothing of the task timed here: the grid's guess
     assert estimate(grid.Cell("fewshot", cmrc, grid.METHODS["fl"], 0), done) == cmrc.minutes * 60
+    stopped = tmp_path / "stopped"  # a run stopped by its budget after 30 s: what is left of it
+    stopped.mkdir()
+    (stopped / "wall_seconds.txt").write_text("30.0\n")
+    cell = grid.Cell("fewshot", csl, grid.METHODS["finetune"], 0)
+    assert run["seconds_left"](cell, done, "cpu", stopped) == pytest.approx(70)
+    assert run["seconds_left"](cell, done, "cpu", tmp_path / "never-started") == pytest.approx(100)
 
 
 def test_drawn_parts_are_disjoint_reproducible_and_in_file_order(paper_path):

@@ -218,6 +218,12 @@ def estimate_seconds(cell: grid.Cell, done: list[dict], device: str = "cpu") -> 
     return cell.task.minutes * 60
 
 
+def seconds_left(cell: grid.Cell, done: list[dict], device: str, folder: Path) -> float:
+    """The cell's estimate less the wall time a stopped run of it has spent so far (its folder's record)."""
+    spent = folder / "wall_seconds.txt"
+    return max(estimate_seconds(cell, done, device) - (float(spent.read_text()) if spent.is_file() else 0.0), 0.0)
+
+
 def method_speeds(runs: list[dict]) -> dict[str, float]:
     """Each method's wall time relative to its task's, the median over the tasks that ran it beside another
     method: within a task a method's mean time over the mean of the task's per-method means."""
@@ -338,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     done = [json.loads(p.read_text()) for p in sorted(Path(runs_dir).glob("*/*/*/seed*.json"))]
     device = "cuda" if _cuda_available() else "cpu"
     todo = [c for c in plan if c.name in stale or not result_path(runs_dir, c).is_file()]
-    eta = sum(estimate_seconds(c, done, device) for c in todo)
+    left = {c.name: seconds_left(c, done, device, run_folder(work_dir, c, args.tiny)) for c in todo}
+    eta = sum(left.values())
     print(
         f"{args.setting}: {len(plan)} runs in the selection, {len(plan) - len(todo)} done, {len(todo)} to run, "
         f"ETA {clock(eta)} at one run at a time"
@@ -350,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
             folder = run_folder(work_dir, cell, args.tiny)
             state = "done" if cell not in todo else "partial" if folder.is_dir() else "todo"
             state = "stale" if cell.name in stale else state
-            print(f"  {state:8} {cell.name:45} ~{clock(estimate_seconds(cell, done, device))}")
+            print(f"  {state:8} {cell.name:45} ~{clock(left.get(cell.name, estimate_seconds(cell, done, device)))}")
         return 0
     if not todo:
         return 0
@@ -381,11 +388,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if result_path(runs_dir, cell).is_file() or not claim(args.claim_dir, cell):
             continue  # finished or taken by another worker since the plan was made
-        left = sum(estimate_seconds(c, done, device) for c in todo[i - 1 :])
+        rest = sum(left[c.name] for c in todo[i - 1 :])
         budget = f", budget left {clock(deadline - time.monotonic())}" if deadline else ""
         print(
-            f"[{i}/{len(todo)}] {cell.name} ~{clock(estimate_seconds(cell, done, device))} "
-            f"(ETA of the rest {clock(left)}{budget})",
+            f"[{i}/{len(todo)}] {cell.name} ~{clock(left[cell.name])} (ETA of the rest {clock(rest)}{budget})",
             flush=True,
         )
         try:
