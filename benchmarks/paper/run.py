@@ -204,8 +204,8 @@ def write_json(path: Path, data: Any) -> None:
 
 def estimate_seconds(cell: grid.Cell, done: list[dict], device: str = "cpu") -> float:
     """Mean wall time of finished runs on this kind of device of the same task and method; else of the task's
-    other runs, each rescaled by how fast its method and this cell's run elsewhere on the device (on CPU full
-    fine-tuning takes about 1.25x a task's mean, FL-tuning about 0.8x); else the grid's guess."""
+    other runs, each rescaled from its method's speed to this cell's as measured over the device's runs (on CPU
+    full fine-tuning takes about 1.25x a task's mean, FL-tuning about 0.8x); else the grid's guess."""
     here = [r for r in done if r["device"] == device]
     task = [r for r in here if r["setting"] == cell.setting and r["task"] == cell.task.key]
     same = [r["wall_seconds"] for r in task if r["method"] == cell.method.key]
@@ -344,8 +344,11 @@ def main(argv: list[str] | None = None) -> int:
     done = [json.loads(p.read_text()) for p in sorted(Path(runs_dir).glob("*/*/*/seed*.json"))]
     device = "cuda" if _cuda_available() else "cpu"
     todo = [c for c in plan if c.name in stale or not result_path(runs_dir, c).is_file()]
-    left = {c.name: seconds_left(c, done, device, run_folder(work_dir, c, args.tiny)) for c in todo}
-    eta = sum(left.values())
+
+    def left(cell: grid.Cell) -> float:  # with ``done`` as it stands: it grows as runs finish
+        return seconds_left(cell, done, device, run_folder(work_dir, cell, args.tiny))
+
+    eta = sum(left(c) for c in todo)
     print(
         f"{args.setting}: {len(plan)} runs in the selection, {len(plan) - len(todo)} done, {len(todo)} to run, "
         f"ETA {clock(eta)} at one run at a time"
@@ -357,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
             folder = run_folder(work_dir, cell, args.tiny)
             state = "done" if cell not in todo else "partial" if folder.is_dir() else "todo"
             state = "stale" if cell.name in stale else state
-            print(f"  {state:8} {cell.name:45} ~{clock(left.get(cell.name, estimate_seconds(cell, done, device)))}")
+            seconds = left(cell) if cell in todo else estimate_seconds(cell, done, device)
+            print(f"  {state:8} {cell.name:45} ~{clock(seconds)}")
         return 0
     if not todo:
         return 0
@@ -388,10 +392,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if result_path(runs_dir, cell).is_file() or not claim(args.claim_dir, cell):
             continue  # finished or taken by another worker since the plan was made
-        rest = sum(left[c.name] for c in todo[i - 1 :])
+        rest = sum(left(c) for c in todo[i - 1 :])
         budget = f", budget left {clock(deadline - time.monotonic())}" if deadline else ""
         print(
-            f"[{i}/{len(todo)}] {cell.name} ~{clock(left[cell.name])} (ETA of the rest {clock(rest)}{budget})",
+            f"[{i}/{len(todo)}] {cell.name} ~{clock(left(cell))} (ETA of the rest {clock(rest)}{budget})",
             flush=True,
         )
         try:
