@@ -220,8 +220,7 @@ def estimate_seconds(cell: grid.Cell, done: list[dict], device: str = "cpu") -> 
 
 def seconds_left(cell: grid.Cell, done: list[dict], device: str, folder: Path) -> float:
     """The cell's estimate less the wall time a stopped run of it has spent so far (its folder's record)."""
-    spent = folder / "wall_seconds.txt"
-    return max(estimate_seconds(cell, done, device) - (float(spent.read_text()) if spent.is_file() else 0.0), 0.0)
+    return max(estimate_seconds(cell, done, device) - wall_seconds_spent(folder), 0.0)
 
 
 def method_speeds(runs: list[dict]) -> dict[str, float]:
@@ -245,10 +244,15 @@ def add_wall_seconds(folder: Path, seconds: float) -> float:
     """The run's wall time over all its segments, kept in its folder: a stopped run resumes in a later command, and
     a finished run whose JSON is gone (deleted, or a machine that kept the folder but not the file) is recorded
     again from the folder without training, with the wall time it took."""
-    path = folder / "wall_seconds.txt"
-    total = seconds + (float(path.read_text()) if path.is_file() else 0.0)
-    path.write_text(f"{total:.1f}\n")
+    total = seconds + wall_seconds_spent(folder)
+    (folder / "wall_seconds.txt").write_text(f"{total:.1f}\n")
     return total
+
+
+def wall_seconds_spent(folder: Path) -> float:
+    """The wall time the run in ``folder`` has recorded over its segments so far; 0 for a run not yet started."""
+    path = folder / "wall_seconds.txt"
+    return float(path.read_text()) if path.is_file() else 0.0
 
 
 def claim(claim_dir: Path | None, cell: grid.Cell) -> bool:
@@ -346,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     todo = [c for c in plan if c.name in stale or not result_path(runs_dir, c).is_file()]
 
     def left(cell: grid.Cell) -> float:  # with ``done`` as it stands: it grows as runs finish
+        if cell.name in stale:  # runs again from the start: its folder, made with other settings, is set aside
+            return estimate_seconds(cell, done, device)
         return seconds_left(cell, done, device, run_folder(work_dir, cell, args.tiny))
 
     eta = sum(left(c) for c in todo)
