@@ -222,7 +222,8 @@ def claim_rows(runs: dict, bert_base_share: str) -> list[tuple[str, str, str, st
     for setting, task in ranking_tasks(runs):
         diff = compare(runs, setting, task, "fl", "finetune")
         if diff:
-            total, comparable = total + 1, comparable + (diff[0] >= -COMPARABLE)
+            # a gap of exactly 2 points (few-shot CMRC2018: 2.0 EM over 2 splits) must not hinge on float rounding
+            total, comparable = total + 1, comparable + (diff[0] >= -COMPARABLE - 1e-9)
     rows.append(
         (
             "comparable to full fine-tuning on most datasets",
