@@ -142,6 +142,26 @@ def test_the_eta_rescales_an_untimed_methods_task_runs_and_takes_off_what_a_stop
     assert run["seconds_left"](cell, done, "cpu", tmp_path / "never-started") == pytest.approx(100)
 
 
+def test_a_resumed_run_is_timed_at_its_own_pace_for_the_steps_its_cell_takes(paper_path, tmp_path):
+    from fltuning.train.checkpoint import CHECKPOINTS, MANIFEST, checkpoint_name
+
+    run = runpy.run_path(str(PAPER / "run.py"))
+    grid = run["grid"]
+    csl = grid.find_task("fewshot", "csl")
+    cell = grid.Cell("fewshot", csl, grid.METHODS["fl"], 2)
+    # seed 0 took 100 steps in 50 s on a fast machine; here 30 steps took 300 s: 70 steps left at 10 s a step
+    done = [{"setting": "fewshot", "task": "csl", "method": "fl", "device": "cpu", "wall_seconds": 50, "steps": 100}]
+    stopped = tmp_path / "stopped"
+    saved = stopped / CHECKPOINTS / checkpoint_name(30)
+    saved.mkdir(parents=True)
+    (stopped / "wall_seconds.txt").write_text("300.0\n")
+    (saved / "optimizer.json").write_text("{}")
+    (saved / MANIFEST).write_text('{"files": {"optimizer.json": 2}}')
+    assert run["seconds_left"](cell, done, "cpu", stopped) == pytest.approx(700)
+    (saved / MANIFEST).unlink()  # a half-written checkpoint does not count: the estimate less what was spent
+    assert run["seconds_left"](cell, done, "cpu", stopped) == 0.0
+
+
 def test_drawn_parts_are_disjoint_reproducible_and_in_file_order(paper_path):
     from splits import draw
 

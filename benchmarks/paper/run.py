@@ -221,8 +221,23 @@ def estimate_seconds(cell: grid.Cell, done: list[dict], device: str = "cpu") -> 
 
 
 def seconds_left(cell: grid.Cell, done: list[dict], device: str, folder: Path) -> float:
-    """The cell's estimate less the wall time a stopped run of it has spent so far (its folder's record)."""
-    return max(estimate_seconds(cell, done, device) - wall_seconds_spent(folder), 0.0)
+    """What is left of the cell. A stopped run with a resumable checkpoint goes on at its own pace (seconds spent
+    per step so far) for the steps the cell's finished runs took: the estimate may come from other hardware or
+    thread counts. Otherwise the cell's estimate less the wall time a stopped run of it has spent so far."""
+    from fltuning.train.checkpoint import list_checkpoints
+
+    spent = wall_seconds_spent(folder)
+    saved = list_checkpoints(folder, resumable=True)
+    steps = [r["steps"] for r in done if same_cell_kind(r, cell) and r.get("steps")]
+    if spent and saved and saved[-1][0] and steps:
+        step = saved[-1][0]
+        return max(spent / step * (statistics.mean(steps) - step), 0.0)
+    return max(estimate_seconds(cell, done, device) - spent, 0.0)
+
+
+def same_cell_kind(run: dict, cell: grid.Cell) -> bool:
+    """Whether a finished run's record is of the cell's setting, task and method (any seed)."""
+    return (run["setting"], run["task"], run["method"]) == (cell.setting, cell.task.key, cell.method.key)
 
 
 def method_speeds(runs: list[dict]) -> dict[str, float]:
