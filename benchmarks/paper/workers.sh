@@ -4,8 +4,9 @@
 #
 #   bash benchmarks/paper/workers.sh 12 --setting fewshot --tasks tnews iflytek --budget-minutes 60
 #
-# A worker stopped by --budget-minutes leaves its cell claimed and its run folder resumable: delete the claim
-# folder ($FLTUNING_BENCH_DIR/claims) before the next launch so that those cells are taken again.
+# A worker stopped by --budget-minutes gives its cell's claim back and leaves its run folder resumable; a worker
+# that dies (killed, out of memory: its log ends in "Killed") keeps its claim: delete that cell's folder under
+# $FLTUNING_BENCH_DIR/claims so that the next launch takes it again. Mind memory: see README.md beside this file.
 set -u
 n=${1:?usage: workers.sh N [run.py arguments]}
 shift
