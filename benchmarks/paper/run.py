@@ -210,7 +210,7 @@ def estimate_seconds(cell: grid.Cell, done: list[dict], device: str = "cpu") -> 
     full fine-tuning takes about 1.25x a task's mean, FL-tuning about 0.8x); else the grid's guess."""
     here = [r for r in done if r["device"] == device]
     task = [r for r in here if r["setting"] == cell.setting and r["task"] == cell.task.key]
-    same = [r["wall_seconds"] for r in task if r["method"] == cell.method.key]
+    same = [r["wall_seconds"] for r in here if same_cell_kind(r, cell)]
     if same:
         return statistics.mean(same)
     if task:
