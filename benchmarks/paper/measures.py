@@ -123,12 +123,19 @@ def seed_pairs(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> list[tuple[d
     return [(r, by_seed[r["seed"]]) for r in a if r["seed"] in by_seed]
 
 
+def same_machine(a: dict, b: dict) -> bool:
+    """Whether two runs' seconds compare: the same device, and the same hardware and threads where both record it."""
+    recorded = a.get("hardware") and b.get("hardware")
+    return a["device"] == b["device"] and (not recorded or a["hardware"] == b["hardware"])
+
+
 def convergence_ratio(fl: list[dict], other: list[dict]) -> dict[str, Any] | None:
     """How much sooner FL-tuning converges than ``other``, over the seeds both have (and both converged on):
     mean steps of each, their ratio (other / FL: above 1 means FL is faster), and the same in seconds for the seeds
-    that ran on the same kind of device (seconds on a GPU and on a CPU do not compare)."""
+    that ran on the same kind of device and, where recorded, the same hardware and thread count (seconds on a GPU and
+    on a CPU do not compare, nor on one CPU thread and two)."""
     pairs = seed_pairs(fl, other)
-    timed = [(time_to_converge(a), time_to_converge(b), a["device"] == b["device"]) for a, b in pairs]
+    timed = [(time_to_converge(a), time_to_converge(b), same_machine(a, b)) for a, b in pairs]
     timed = [(a, b, same) for a, b, same in timed if a is not None and b is not None]
     if not timed:
         return None

@@ -317,7 +317,8 @@ def build_report(runs_dir: Path, out: Path, img_dir: Path, outside_dir: Path | N
         "at a time with 2 threads or two at a time with 1 thread each. Each run file names its device and "
         "finishing time, later ones also the hardware and thread count"
         + (f" ({', '.join(f'{name}: {n}' for name, n in sorted(hardware.items()))})" if hardware else "")
-        + "; convergence in seconds only compares runs on the same kind of device.",
+        + "; convergence in seconds only compares runs on the same kind of device, and on the same hardware and "
+        "thread count where both runs record it.",
         "",
         "## The paper's claims, side by side",
         "",
