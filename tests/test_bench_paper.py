@@ -188,6 +188,9 @@ def test_convergence_is_steps_to_95_percent_of_the_runs_own_best(paper_path):
     assert time_to_converge(fl) == (20, 4.0) and time_to_converge(pt) == (40, 8.0)
     ratio = convergence_ratio([fl], [pt])
     assert ratio["ratio"] == 2.0 and ratio["seconds"] == (4.0, 8.0, 2.0)
+    one_thread, two_threads = dict(fl, hardware="Xeon, 1 thread"), dict(pt, hardware="Xeon, 2 threads")
+    assert convergence_ratio([one_thread], [two_threads]) == dict(ratio, seconds=None)  # steps compare, seconds not
+    assert convergence_ratio([one_thread], [pt])["seconds"] == (4.0, 8.0, 2.0)  # one side unrecorded: device decides
     assert time_to_converge(run(0, [0.5, 0.8], test=0.505)) is None  # at chance on test: nothing converged
 
 

@@ -141,10 +141,10 @@ def convergence_ratio(fl: list[dict], other: list[dict]) -> dict[str, Any] | Non
         return None
     fl_steps = statistics.fmean(a[0] for a, _, _ in timed)
     other_steps = statistics.fmean(b[0] for _, b, _ in timed)
-    same_device = [(a[1], b[1]) for a, b, same in timed if same]
+    comparable = [(a[1], b[1]) for a, b, same in timed if same]
     seconds = None
-    if same_device:
-        fl_s, other_s = statistics.fmean(a for a, _ in same_device), statistics.fmean(b for _, b in same_device)
+    if comparable:
+        fl_s, other_s = statistics.fmean(a for a, _ in comparable), statistics.fmean(b for _, b in comparable)
         seconds = (fl_s, other_s, other_s / fl_s if fl_s > 0 else math.nan)
     return {
         "pairs": len(timed),
